@@ -1,0 +1,363 @@
+//! The control plane's HTTP API: what `flotilla status`, `logs` and `down` talk to.
+//!
+//! It sits above the roles and sees them only through the [`Fleet`] trait, which the `flotilla`
+//! binary implements over the supervisor, registry and log store. [`router`] builds the axum
+//! router (tested without sockets), [`serve`] runs it on a listener until shutdown. The wire types
+//! live in [`api`], shared with the CLI. Errors are RFC 7807 problem+json.
+
+pub mod api;
+mod openapi;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use flotilla_telemetry::{LogQuery, LogRecord};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+pub use api::{AppInfo, InstanceView, Phase, ServiceView};
+
+/// What the control API can see and do; implemented by the process that runs the fleet.
+pub trait Fleet: Send + Sync + 'static {
+    fn app(&self) -> AppInfo;
+    fn services(&self) -> Vec<ServiceView>;
+    fn logs(&self, query: &LogQuery) -> Vec<Arc<LogRecord>>;
+    fn follow_logs(&self) -> broadcast::Receiver<Arc<LogRecord>>;
+    /// Asks the fleet to stop gracefully; returns at once.
+    fn shutdown(&self);
+}
+
+/// The API's routes over a fleet.
+pub fn router(fleet: Arc<dyn Fleet>) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/app", get(app))
+        .route("/v1/services", get(services))
+        .route("/v1/services/{name}", get(service))
+        .route("/v1/logs", get(logs))
+        .route("/v1/shutdown", post(shutdown))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(fleet)
+}
+
+/// Serves the API until `shutdown` is cancelled, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    fleet: Arc<dyn Fleet>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(fleet))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        openapi::DOCUMENT,
+    )
+        .into_response()
+}
+
+async fn app(State(fleet): State<Arc<dyn Fleet>>) -> Json<AppInfo> {
+    Json(fleet.app())
+}
+
+async fn services(State(fleet): State<Arc<dyn Fleet>>) -> Json<Vec<ServiceView>> {
+    Json(fleet.services())
+}
+
+async fn service(State(fleet): State<Arc<dyn Fleet>>, Path(name): Path<String>) -> Response {
+    match fleet.services().into_iter().find(|s| s.name == name) {
+        Some(found) => Json(found).into_response(),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            "unknown service",
+            &format!("this app has no service named `{name}`"),
+        ),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogParams {
+    service: Option<String>,
+    instance: Option<String>,
+    /// A duration back from now (`5m`) or an RFC 3339 time.
+    since: Option<String>,
+    limit: Option<usize>,
+    /// Keep the response open and stream new lines as NDJSON.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Upper bound on one logs answer, so a careless query cannot build a huge response.
+const MAX_LOG_LIMIT: usize = 10_000;
+
+async fn logs(
+    State(fleet): State<Arc<dyn Fleet>>,
+    params: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, "bad query", &e.body_text()),
+    };
+    let since = match params.since.as_deref().map(parse_since).transpose() {
+        Ok(since) => since,
+        Err(detail) => return problem(StatusCode::BAD_REQUEST, "bad `since`", &detail),
+    };
+    let query = LogQuery {
+        service: params.service,
+        instance: params.instance,
+        since,
+        limit: Some(params.limit.unwrap_or(1_000).min(MAX_LOG_LIMIT)),
+    };
+    if let Some(service) = &query.service
+        && !fleet.services().iter().any(|s| &s.name == service)
+    {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "unknown service",
+            &format!("this app has no service named `{service}`"),
+        );
+    }
+    if !params.follow {
+        return Json(fleet.logs(&query)).into_response();
+    }
+    // Subscribe before reading the backlog so no line falls between the two.
+    let live = fleet.follow_logs();
+    let backlog = fleet.logs(&query);
+    let filter = LogQuery {
+        since: None,
+        limit: None,
+        ..query
+    };
+    let backlog = futures_util::stream::iter(backlog);
+    let live = futures_util::stream::unfold(live, move |mut rx| {
+        let filter = filter.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(record) if filter.matches(&record) => return Some((record, rx)),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    let lines = backlog.chain(live).map(|record| {
+        let mut line = serde_json::to_vec(&*record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        Ok::<_, std::io::Error>(line)
+    });
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+fn parse_since(text: &str) -> Result<SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return Ok(SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(SystemTime::UNIX_EPOCH));
+    }
+    humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!("`{text}` is neither a duration like `5m` nor an RFC 3339 time like `2026-01-02T03:04:05Z`")
+    })
+}
+
+async fn shutdown(State(fleet): State<Arc<dyn Fleet>>) -> Response {
+    fleet.shutdown();
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "status": "stopping" })),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "not found",
+        &format!("no control API resource at `{}`; see /v1/openapi.json", uri.path()),
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    problem(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed",
+        "this resource does not support that method; see /v1/openapi.json",
+    )
+}
+
+/// The one place control API errors become RFC 7807 problem+json.
+pub fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"))],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use flotilla_telemetry::{LogStore, Stream};
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tower::ServiceExt;
+
+    struct FakeFleet {
+        logs: LogStore,
+        stopped: AtomicBool,
+    }
+
+    impl Fleet for FakeFleet {
+        fn app(&self) -> AppInfo {
+            AppInfo {
+                app: "shop".into(),
+                dir: "/tmp/shop".into(),
+                pid: 1,
+                gateway: "http://127.0.0.1:8080".into(),
+                control: "http://127.0.0.1:4400".into(),
+                started_at: SystemTime::UNIX_EPOCH,
+                phase: Phase::Ready,
+            }
+        }
+        fn services(&self) -> Vec<ServiceView> {
+            vec![ServiceView {
+                name: "orders".into(),
+                version: "1.0.0".into(),
+                replicas: 1,
+                healthy: 1,
+                instances: vec![],
+            }]
+        }
+        fn logs(&self, query: &LogQuery) -> Vec<Arc<LogRecord>> {
+            self.logs.query(query)
+        }
+        fn follow_logs(&self) -> broadcast::Receiver<Arc<LogRecord>> {
+            self.logs.follow()
+        }
+        fn shutdown(&self) {
+            self.stopped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn fleet() -> Arc<FakeFleet> {
+        let fleet = Arc::new(FakeFleet {
+            logs: LogStore::new(100),
+            stopped: AtomicBool::new(false),
+        });
+        for (service, line) in [("orders", "one"), ("catalog", "two"), ("orders", "three")] {
+            fleet.logs.push(LogRecord {
+                time: SystemTime::now(),
+                service: service.into(),
+                instance: format!("{service}-1").into(),
+                stream: Stream::Stdout,
+                line: line.into(),
+            });
+        }
+        fleet
+    }
+
+    async fn call(fleet: Arc<FakeFleet>, method: &str, uri: &str) -> (StatusCode, String, String) {
+        let response = router(fleet)
+            .oneshot(Request::builder().method(method).uri(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        (status, content_type, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn lists_and_finds_services() {
+        let (status, _, body) = call(fleet(), "GET", "/v1/services").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("\"name\":\"orders\""), "{body}");
+        let (status, _, _) = call(fleet(), "GET", "/v1/services/orders").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn unknown_things_are_404_problems() {
+        for uri in ["/v1/services/nosuch", "/v1/nothing", "/v1/logs?service=nosuch"] {
+            let (status, content_type, body) = call(fleet(), "GET", uri).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+            assert_eq!(content_type, "application/problem+json", "{uri}");
+            assert!(body.contains("\"status\":404"), "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_queries_are_400_problems() {
+        for uri in ["/v1/logs?since=yesterday", "/v1/logs?limit=-1", "/v1/logs?colour=red"] {
+            let (status, content_type, _) = call(fleet(), "GET", uri).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+            assert_eq!(content_type, "application/problem+json", "{uri}");
+        }
+    }
+
+    #[tokio::test]
+    async fn logs_filter_by_service_and_limit() {
+        let (status, _, body) = call(fleet(), "GET", "/v1/logs?service=orders&limit=1&since=5m").await;
+        assert_eq!(status, StatusCode::OK);
+        let records: Vec<LogRecord> = serde_json::from_str(&body).expect("JSON array");
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].line, "three");
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_accepted_and_forwarded() {
+        let fleet = fleet();
+        let (status, _, _) = call(fleet.clone(), "POST", "/v1/shutdown").await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert!(fleet.stopped.load(Ordering::SeqCst));
+        let (status, content_type, _) = call(fleet, "GET", "/v1/shutdown").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(content_type, "application/problem+json");
+    }
+
+    #[tokio::test]
+    async fn openapi_document_is_valid_json_naming_every_route() {
+        let (status, _, body) = call(fleet(), "GET", "/v1/openapi.json").await;
+        assert_eq!(status, StatusCode::OK);
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        for path in ["/healthz", "/v1/app", "/v1/services", "/v1/services/{name}", "/v1/logs", "/v1/shutdown"] {
+            assert!(doc["paths"].get(path).is_some(), "{path} undocumented");
+        }
+    }
+}

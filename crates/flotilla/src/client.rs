@@ -1,0 +1,119 @@
+//! Finding a running fleet and talking to its control API.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+/// Written by `up` to `DIR/.flotilla/fleet.json` once it listens, removed when it stops, so the
+/// other commands find the fleet of a directory without being told its addresses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetFile {
+    pub app: String,
+    pub pid: u32,
+    pub control: String,
+    pub gateway: String,
+}
+
+pub fn state_dir(dir: &Path) -> PathBuf {
+    dir.join(".flotilla")
+}
+
+pub fn fleet_file_path(dir: &Path) -> PathBuf {
+    state_dir(dir).join("fleet.json")
+}
+
+/// The fleet running for `dir`, if its process is still alive.
+pub fn running_fleet(dir: &Path) -> Option<FleetFile> {
+    let text = std::fs::read_to_string(fleet_file_path(dir)).ok()?;
+    let fleet: FleetFile = serde_json::from_str(&text).ok()?;
+    process_alive(fleet.pid).then_some(fleet)
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // Signal 0 checks for existence without signalling. A zombie still counts as alive until it is
+    // reaped, which is what `down` wants: it waits for the real end.
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) with signal 0 has no side effects and takes plain integers.
+    let result = unsafe { libc::kill(pid, 0) };
+    result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// A client for one fleet's control API.
+pub struct Control {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Control {
+    pub fn new(base: &str) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            // The control API is on loopback; a user's HTTP_PROXY must not capture it.
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .context("cannot build an HTTP client")?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            http,
+        })
+    }
+
+    /// The control API of the fleet for `dir`, or the explicit `--control` URL.
+    pub fn locate(dir: &Path, explicit: Option<&str>) -> Result<Self> {
+        if let Some(url) = explicit {
+            return Self::new(url);
+        }
+        match running_fleet(dir) {
+            Some(fleet) => Self::new(&fleet.control),
+            None => bail!(
+                "no fleet is running for {}\n  help: start one with `flotilla up {} -d`, or pass --control URL",
+                dir.display(),
+                dir.display()
+            ),
+        }
+    }
+
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let response = self.send(self.http.get(self.url(path))).await?;
+        response
+            .json()
+            .await
+            .with_context(|| format!("unexpected answer from {}", self.url(path)))
+    }
+
+    pub async fn post(&self, path: &str) -> Result<()> {
+        self.send(self.http.post(self.url(path))).await?;
+        Ok(())
+    }
+
+    /// A streaming GET, for following logs.
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response> {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control API at {}", self.base))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let detail = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|problem| problem.get("detail").and_then(|d| d.as_str()).map(str::to_owned))
+            .unwrap_or(body);
+        Err(anyhow!("{status}: {detail}"))
+    }
+}

@@ -1,0 +1,108 @@
+//! The running fleet as the control API sees it: the supervisor, registry and log store behind
+//! the `Fleet` trait.
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use flotilla_control::{AppInfo, Fleet, InstanceView, Phase, ServiceView};
+use flotilla_manifest::Manifest;
+use flotilla_registry::Registry;
+use flotilla_supervisor::Supervisor;
+use flotilla_telemetry::{LogQuery, LogRecord, LogStore};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+pub struct RunningFleet {
+    pub manifest: Arc<Manifest>,
+    pub supervisor: Supervisor,
+    pub registry: Registry,
+    pub logs: Arc<LogStore>,
+    pub gateway_url: String,
+    pub control_url: String,
+    pub started_at: SystemTime,
+    pub phase: Mutex<Phase>,
+    /// Cancelled to stop the whole fleet (Ctrl-C, SIGTERM, `flotilla down`).
+    pub stop: CancellationToken,
+}
+
+impl RunningFleet {
+    pub fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+}
+
+impl Fleet for RunningFleet {
+    fn app(&self) -> AppInfo {
+        AppInfo {
+            app: self.manifest.app.clone(),
+            dir: self.manifest.dir.display().to_string(),
+            pid: std::process::id(),
+            gateway: self.gateway_url.clone(),
+            control: self.control_url.clone(),
+            started_at: self.started_at,
+            phase: self.phase.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+
+    fn services(&self) -> Vec<ServiceView> {
+        let statuses = self.supervisor.status();
+        let now = SystemTime::now();
+        self.manifest
+            .services
+            .iter()
+            .map(|service| {
+                let instances: Vec<InstanceView> = statuses
+                    .iter()
+                    .filter(|s| s.service == service.name)
+                    .map(|s| {
+                        let registered = self.registry.instance(&s.service, &s.instance);
+                        InstanceView {
+                            service: s.service.to_string(),
+                            instance: s.instance.to_string(),
+                            pid: s.pid,
+                            port: s.port,
+                            state: enum_text(&s.state),
+                            health: s.health.to_string(),
+                            restarts: s.restarts,
+                            version: s.version.clone(),
+                            uptime_seconds: s
+                                .started_at
+                                .filter(|_| s.pid.is_some())
+                                .and_then(|t| now.duration_since(t).ok())
+                                .map(|d| d.as_secs()),
+                            last_exit: s.last_exit.clone(),
+                            last_error: registered.and_then(|r| r.last_error),
+                        }
+                    })
+                    .collect();
+                ServiceView {
+                    name: service.name.to_string(),
+                    version: service.version.clone(),
+                    replicas: service.replicas.get(),
+                    healthy: instances.iter().filter(|i| i.health == "healthy").count() as u32,
+                    instances,
+                }
+            })
+            .collect()
+    }
+
+    fn logs(&self, query: &LogQuery) -> Vec<Arc<LogRecord>> {
+        self.logs.query(query)
+    }
+
+    fn follow_logs(&self) -> broadcast::Receiver<Arc<LogRecord>> {
+        self.logs.follow()
+    }
+
+    fn shutdown(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// The serde name of a unit enum variant (`crash-loop`), so the API and JSON agree.
+fn enum_text<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "unknown".into(),
+    }
+}

@@ -1,0 +1,57 @@
+//! `flotilla`: the command line. Parses arguments, sets up logging and the runtime, and hands
+//! over to one module per command; the real work lives in the crates under `crates/`.
+
+mod check;
+mod cli;
+mod client;
+mod fleet;
+mod logs;
+mod output;
+mod status;
+mod up;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Down(args) => up::down(args).await,
+            Command::Status(args) => status::run(args).await,
+            Command::Logs(args) => logs::run(args).await,
+            Command::Check(args) => check::run(args),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            output::error(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Flotilla's own diagnostics go to stderr, so stdout stays data (service logs, listings).
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .compact()
+        .init();
+}

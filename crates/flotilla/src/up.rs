@@ -1,0 +1,508 @@
+//! `flotilla up` and `flotilla down`: bring a whole app up on this machine, and take it down.
+//!
+//! `up` binds the gateway and control API first (so a taken port is reported before anything is
+//! built), builds, starts the services in dependency order with a sidecar per instance, then serves
+//! until Ctrl-C, SIGTERM or `flotilla down`. `up -d` runs the same thing as a background child and
+//! returns once the child reports the fleet ready (or failed).
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use flotilla_control::{AppInfo, Fleet as _, Phase, ServiceView};
+use flotilla_manifest::Manifest;
+use flotilla_registry::Registry;
+use flotilla_registry::health::HealthChecker;
+use flotilla_supervisor::{BuildProgress, InstanceEnv, Supervisor, SupervisorConfig};
+use flotilla_telemetry::LogStore;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::{DownArgs, UpArgs};
+use crate::client::{self, Control, FleetFile};
+use crate::fleet::RunningFleet;
+use crate::output;
+use crate::status;
+
+/// Lines kept in memory for `flotilla logs`.
+const LOG_CAPACITY: usize = 50_000;
+
+pub async fn run(args: UpArgs) -> Result<ExitCode> {
+    let manifest = match flotilla_manifest::load(&args.dir) {
+        Ok(manifest) => Arc::new(manifest),
+        Err(diagnostics) => {
+            eprintln!("{}", diagnostics.render(None));
+            output::error("the manifest is invalid; nothing was started");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some(fleet) = client::running_fleet(&manifest.dir) {
+        bail!(
+            "`{}` is already running from {} (pid {}, control {})\n  help: stop it with `flotilla down {}`",
+            fleet.app,
+            manifest.dir.display(),
+            fleet.pid,
+            fleet.control,
+            args.dir.display()
+        );
+    }
+    if args.detach && !args.detached_child {
+        return detach(&args, &manifest).await;
+    }
+    serve_fleet(args, manifest).await
+}
+
+async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> {
+    let began = Instant::now();
+    let state_dir = client::state_dir(&manifest.dir);
+    prepare_state_dir(&state_dir)?;
+
+    let gateway_addr = args.gateway_listen.unwrap_or(manifest.gateway.listen);
+    let control_addr = args.control_listen.unwrap_or(manifest.control.listen);
+    let gateway_listener = bind("gateway", gateway_addr, "[gateway] listen", "--gateway-listen").await?;
+    let control_listener = bind("control API", control_addr, "[control] listen", "--control-listen").await?;
+    let gateway_url = format!("http://{}", gateway_listener.local_addr()?);
+    let control_url = format!("http://{}", control_listener.local_addr()?);
+
+    let registry = Registry::new();
+    for service in &manifest.services {
+        registry.declare_service(&service.name);
+    }
+    let logs = Arc::new(LogStore::new(LOG_CAPACITY));
+    let discovery = Arc::new(registry.clone());
+
+    // Edge servers stop first on shutdown (no new requests from outside), inner ones last (services
+    // may still call each other, or be asked about, while they drain).
+    let edge_stop = CancellationToken::new();
+    let inner_stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let sidecars = start_sidecars(&manifest, &discovery, &tasks, &inner_stop).await?;
+    let supervisor = Supervisor::new(SupervisorConfig {
+        manifest: manifest.clone(),
+        state_dir: state_dir.clone(),
+        registry: registry.clone(),
+        health: HealthChecker::new(registry.clone()),
+        logs: logs.clone(),
+        extra_env: Arc::new(sidecars),
+    });
+    let fleet = Arc::new(RunningFleet {
+        manifest: manifest.clone(),
+        supervisor: supervisor.clone(),
+        registry: registry.clone(),
+        logs: logs.clone(),
+        gateway_url: gateway_url.clone(),
+        control_url: control_url.clone(),
+        started_at: SystemTime::now(),
+        phase: Mutex::new(Phase::Building),
+        stop: CancellationToken::new(),
+    });
+
+    tasks.spawn({
+        let routes = manifest.gateway.routes.clone();
+        let discovery = discovery.clone();
+        let stop = edge_stop.clone();
+        async move {
+            if let Err(e) = flotilla_gateway::serve(gateway_listener, &routes, discovery, stop).await {
+                tracing::error!("gateway stopped: {e}");
+            }
+        }
+    });
+    tasks.spawn({
+        let fleet: Arc<dyn flotilla_control::Fleet> = fleet.clone();
+        let stop = inner_stop.clone();
+        async move {
+            if let Err(e) = flotilla_control::serve(control_listener, fleet, stop).await {
+                tracing::error!("control API stopped: {e}");
+            }
+        }
+    });
+    tasks.spawn(stop_on_signals(fleet.stop.clone(), args.detached_child));
+    if !args.detached_child {
+        tasks.spawn(print_logs(logs.clone(), inner_stop.clone(), label_width(&manifest)));
+    }
+
+    let fleet_file = client::fleet_file_path(&manifest.dir);
+    write_fleet_file(&fleet_file, &FleetFile {
+        app: manifest.app.clone(),
+        pid: std::process::id(),
+        control: control_url.clone(),
+        gateway: gateway_url.clone(),
+    })?;
+
+    let outcome = bring_up(&args, &fleet, &supervisor).await;
+    let code = match outcome {
+        Ok(true) => {
+            fleet.set_phase(Phase::Ready);
+            print_ready(&fleet.app(), &fleet_services(&fleet), began.elapsed());
+            fleet.stop.cancelled().await;
+            ExitCode::SUCCESS
+        }
+        Ok(false) => ExitCode::SUCCESS, // stopped while coming up
+        Err(failure) => {
+            output::error(&failure);
+            fleet.set_phase(Phase::Failed(failure));
+            if args.detached_child {
+                ExitCode::FAILURE
+            } else {
+                // In the foreground the others keep serving: the user sees the failing service
+                // restart in the log stream and in `flotilla status`, and stops with Ctrl-C.
+                output::note("the other services keep running; press Ctrl-C to stop");
+                fleet.stop.cancelled().await;
+                ExitCode::SUCCESS
+            }
+        }
+    };
+
+    fleet.set_phase(Phase::Stopping);
+    output::note(&format!("stopping {}...", manifest.app));
+    edge_stop.cancel();
+    supervisor.shutdown().await;
+    inner_stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(15), tasks.wait()).await.is_err() {
+        tracing::warn!("some servers did not finish draining within 15s");
+    }
+    let _ = std::fs::remove_file(&fleet_file);
+    output::note(&format!("{} stopped", manifest.app));
+    Ok(code)
+}
+
+/// Builds and starts everything. `Ok(false)` when asked to stop meanwhile; `Err` names what failed.
+async fn bring_up(args: &UpArgs, fleet: &RunningFleet, supervisor: &Supervisor) -> Result<bool, String> {
+    if !args.no_build {
+        let progress = Progress::new();
+        tokio::select! {
+            () = fleet.stop.cancelled() => return Ok(false),
+            built = supervisor.build(&progress) => built.map_err(|e| e.to_string())?,
+        }
+    }
+    fleet.set_phase(Phase::Starting);
+    tokio::select! {
+        () = fleet.stop.cancelled() => Ok(false),
+        started = supervisor.start() => started.map(|()| true).map_err(|e| e.to_string()),
+    }
+}
+
+fn fleet_services(fleet: &RunningFleet) -> Vec<ServiceView> {
+    fleet.services()
+}
+
+fn print_ready(app: &AppInfo, services: &[ServiceView], took: Duration) {
+    println!(
+        "{} is up: {} services in {:.1}s\n  gateway  {}\n  control  {}\n{}",
+        app.app,
+        services.len(),
+        took.as_secs_f64(),
+        app.gateway,
+        app.control,
+        status::service_lines(services).trim_end()
+    );
+}
+
+/// The state directory holds runtime files only; it ignores itself so no user has to.
+fn prepare_state_dir(state_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(state_dir.join("data"))
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let ignore = state_dir.join(".gitignore");
+    if !ignore.exists() {
+        std::fs::write(&ignore, "*\n").with_context(|| format!("cannot write {}", ignore.display()))?;
+    }
+    Ok(())
+}
+
+fn write_fleet_file(path: &Path, fleet: &FleetFile) -> Result<()> {
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(&temporary, serde_json::to_vec_pretty(fleet)?)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    // Rename so a reader never sees half a file.
+    std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+async fn bind(what: &str, addr: SocketAddr, key: &str, flag: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let reason = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "the address is already in use".to_owned()
+        } else {
+            e.to_string()
+        };
+        anyhow::anyhow!(
+            "the {what} cannot listen on {addr}: {reason}\n  help: stop whatever uses it, or choose another address with `{key}` in flotilla.toml or `{flag}`"
+        )
+    })
+}
+
+/// The per-instance outbound proxies, and the environment that points each instance at its own.
+struct Sidecars {
+    env: HashMap<String, Vec<(String, String)>>,
+}
+
+impl InstanceEnv for Sidecars {
+    fn env(&self, _service: &str, instance: &str) -> Vec<(String, String)> {
+        self.env.get(instance).cloned().unwrap_or_default()
+    }
+}
+
+async fn start_sidecars(
+    manifest: &Manifest,
+    discovery: &Arc<Registry>,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<Sidecars> {
+    let mut env = HashMap::new();
+    for service in &manifest.services {
+        for n in 1..=service.replicas.get() {
+            let instance = format!("{}-{n}", service.name);
+            let listener = TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .with_context(|| format!("cannot open a sidecar port for {instance}"))?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let caller: Arc<str> = Arc::from(instance.as_str());
+            tasks.spawn({
+                let discovery = discovery.clone();
+                let stop = stop.clone();
+                async move {
+                    if let Err(e) = flotilla_sidecar::serve(listener, caller.clone(), discovery, stop).await {
+                        tracing::error!(instance = %caller, "sidecar stopped: {e}");
+                    }
+                }
+            });
+            // Both spellings: curl and Python read the lower-case ones, many others the upper-case.
+            let loopback = "localhost,127.0.0.1,::1".to_owned();
+            env.insert(instance, vec![
+                ("HTTP_PROXY".to_owned(), url.clone()),
+                ("http_proxy".to_owned(), url.clone()),
+                ("NO_PROXY".to_owned(), loopback.clone()),
+                ("no_proxy".to_owned(), loopback),
+                ("FLOTILLA_SIDECAR".to_owned(), url),
+            ]);
+        }
+    }
+    Ok(Sidecars { env })
+}
+
+async fn stop_on_signals(stop: CancellationToken, detached: bool) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the fleet with `flotilla down`");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            // A detached fleet outlives the terminal that started it.
+            _ = hangup.recv() => if !detached { break },
+        }
+    }
+    stop.cancel();
+}
+
+fn label_width(manifest: &Manifest) -> usize {
+    manifest
+        .services
+        .iter()
+        .map(|s| 2 * s.name.len() + 2 + s.replicas.get().to_string().len())
+        .max()
+        .unwrap_or(10)
+}
+
+/// Streams every captured line to stdout until the fleet stops.
+async fn print_logs(logs: Arc<LogStore>, stop: CancellationToken, width: usize) {
+    use std::io::Write;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut lines = logs.follow();
+    loop {
+        let record = tokio::select! {
+            () = stop.cancelled() => return,
+            record = lines.recv() => record,
+        };
+        match record {
+            Ok(record) => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}", output::log_line(&record, width, false));
+            }
+            Err(RecvError::Lagged(missed)) => {
+                output::note(&format!("({missed} log lines skipped; see `flotilla logs`)"));
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Build progress: a spinner per build command on a terminal, plain lines elsewhere.
+struct Progress {
+    bars: MultiProgress,
+    running: Mutex<HashMap<String, ProgressBar>>,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            bars: MultiProgress::new(),
+            running: Mutex::new(HashMap::new()),
+            terminal: output::stderr_is_terminal(),
+        }
+    }
+
+    fn key(services: &[Arc<str>]) -> String {
+        services.iter().map(|s| &**s).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl BuildProgress for Progress {
+    fn started(&self, services: &[Arc<str>], command: &str) {
+        let key = Self::key(services);
+        if !self.terminal {
+            output::note(&format!("building {key}: {command}"));
+            return;
+        }
+        let bar = self.bars.add(ProgressBar::new_spinner());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner:.cyan} building {prefix:.bold} [{elapsed}] {wide_msg:.dim}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_prefix(key.clone());
+        bar.enable_steady_tick(Duration::from_millis(100));
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(key, bar);
+    }
+
+    fn output_line(&self, services: &[Arc<str>], line: &str) {
+        if let Some(bar) = self.running.lock().unwrap_or_else(|e| e.into_inner()).get(&Self::key(services)) {
+            bar.set_message(line.trim().chars().take(120).collect::<String>());
+        }
+    }
+
+    fn finished(&self, services: &[Arc<str>], ok: bool, elapsed: Duration) {
+        let key = Self::key(services);
+        let verdict = if ok { "built" } else { "failed to build" };
+        let message = format!("{verdict} {key} in {:.1}s", elapsed.as_secs_f64());
+        match self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&key) {
+            Some(bar) => {
+                bar.set_style(ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+                bar.finish_with_message(format!("{} {message}", if ok { "✓" } else { "✗" }));
+            }
+            None => output::note(&message),
+        }
+    }
+}
+
+/// `up -d`: start the fleet as a background child and wait for its verdict, showing its progress.
+async fn detach(args: &UpArgs, manifest: &Manifest) -> Result<ExitCode> {
+    let state_dir = client::state_dir(&manifest.dir);
+    prepare_state_dir(&state_dir)?;
+    let log_path = state_dir.join("flotilla.log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let _ = std::fs::remove_file(client::fleet_file_path(&manifest.dir));
+
+    let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
+    let mut command = tokio::process::Command::new(exe);
+    command.arg("up").arg(&manifest.dir).arg("--detached-child");
+    if let Some(addr) = args.gateway_listen {
+        command.arg("--gateway-listen").arg(addr.to_string());
+    }
+    if let Some(addr) = args.control_listen {
+        command.arg("--control-listen").arg(addr.to_string());
+    }
+    if args.no_build {
+        command.arg("--no-build");
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: the terminal's Ctrl-C must not reach the background fleet.
+        .process_group(0);
+    let mut child = command.spawn().context("cannot start the background fleet")?;
+    let child_pid = child.id().unwrap_or_default();
+
+    let mut shown = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shown = echo_new_output(&log_path, shown);
+        if let Some(status) = child.try_wait()? {
+            echo_new_output(&log_path, shown);
+            output::error(&format!(
+                "the background fleet exited ({status}) before it was ready; its output is in {}",
+                log_path.display()
+            ));
+            return Ok(ExitCode::FAILURE);
+        }
+        let Some(fleet) = client::running_fleet(&manifest.dir).filter(|f| f.pid == child_pid) else {
+            continue;
+        };
+        let control = Control::new(&fleet.control)?;
+        let Ok(app) = control.get::<AppInfo>("/v1/app").await else {
+            continue;
+        };
+        match app.phase {
+            Phase::Ready => {
+                let services: Vec<ServiceView> = control.get("/v1/services").await?;
+                echo_new_output(&log_path, shown);
+                print_ready(&app, &services, app.started_at.elapsed().unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
+            Phase::Failed(_) | Phase::Stopping => {
+                // The child stops its services and exits; wait for that so nothing is left behind.
+                let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+                echo_new_output(&log_path, shown);
+                return Ok(ExitCode::FAILURE);
+            }
+            Phase::Building | Phase::Starting => {}
+        }
+    }
+}
+
+/// Copies what the background fleet wrote since `from` to stderr; returns the new offset.
+fn echo_new_output(path: &Path, from: u64) -> u64 {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return from;
+    };
+    if file.seek(SeekFrom::Start(from)).is_err() {
+        return from;
+    }
+    let mut fresh = Vec::new();
+    let Ok(read) = file.read_to_end(&mut fresh) else {
+        return from;
+    };
+    eprint!("{}", String::from_utf8_lossy(&fresh));
+    from + read as u64
+}
+
+pub async fn down(args: DownArgs) -> Result<ExitCode> {
+    let (control, pid) = match (&args.control, client::running_fleet(&args.dir)) {
+        (Some(url), fleet) => (Control::new(url)?, fleet.map(|f| f.pid)),
+        (None, Some(fleet)) => (Control::new(&fleet.control)?, Some(fleet.pid)),
+        (None, None) => {
+            output::note(&format!("no fleet is running for {}; nothing to stop", args.dir.display()));
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let app: AppInfo = control.get("/v1/app").await?;
+    let pid = pid.unwrap_or(app.pid);
+    control.post("/v1/shutdown").await?;
+    output::note(&format!("stopping {} (pid {pid})...", app.app));
+    // Every service gets its grace period; allow for the longest plus the drain of the servers.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while client::process_alive(pid) {
+        if Instant::now() > deadline {
+            bail!("{} (pid {pid}) is still running after 120s", app.app);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    output::note(&format!("{} stopped", app.app));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,1119 @@
+//! Walks the spanned TOML tree into a validated [`Manifest`].
+//!
+//! The walk never stops at the first problem: every check reports into a [`Checker`] and carries
+//! on with a placeholder value, so `flotilla check` can list everything wrong in one run. A
+//! `Manifest` is only handed out when nothing was reported.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::command::split_words;
+use crate::diagnostic::{Diagnostic, Diagnostics, LineIndex};
+use crate::model::{
+    ControlSettings, GatewaySettings, HealthSettings, Manifest, RestartSettings, Route, Service,
+};
+use crate::suggest::closest;
+
+type Value<'i> = Spanned<DeValue<'i>>;
+type Span = Range<usize>;
+
+const DURATION_HELP: &str = "use a number with a unit, like \"500ms\", \"2s\" or \"1m\"";
+const LISTEN_HELP: &str = "use an IP address and a port, like \"127.0.0.1:8080\" (host names such as `localhost` are not resolved)";
+const MAX_REPLICAS: u32 = 64;
+const MAX_SERVICE_NAME: usize = 63;
+const DEFAULT_GATEWAY_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    8080,
+));
+const DEFAULT_CONTROL_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    4400,
+));
+const DEFAULT_VERSION: &str = "0.0.0";
+
+const TOP_KEYS: &[&str] = &["app", "gateway", "control", "services"];
+const GATEWAY_KEYS: &[&str] = &["listen", "routes"];
+const ROUTE_KEYS: &[&str] = &["prefix", "service", "rewrite"];
+const CONTROL_KEYS: &[&str] = &["listen"];
+const SERVICE_KEYS: &[&str] = &[
+    "build",
+    "run",
+    "version",
+    "replicas",
+    "env",
+    "depends_on",
+    "health",
+    "restart",
+];
+const HEALTH_KEYS: &[&str] = &[
+    "path",
+    "interval",
+    "timeout",
+    "healthy_threshold",
+    "unhealthy_threshold",
+    "startup_timeout",
+];
+const RESTART_KEYS: &[&str] = &[
+    "backoff_initial",
+    "backoff_max",
+    "crash_loop_threshold",
+    "crash_loop_window",
+    "stop_grace",
+];
+
+pub(crate) fn parse(source: &str, path: &Path) -> Result<Manifest, Diagnostics> {
+    let mut checker = Checker {
+        source,
+        file: path,
+        lines: LineIndex::new(source),
+        found: Vec::new(),
+    };
+    let (root, syntax_errors) = DeTable::parse_recoverable(source);
+    if !syntax_errors.is_empty() {
+        checker.syntax_errors(syntax_errors);
+        return checker.finish(None);
+    }
+    let manifest = checker.manifest(root.get_ref());
+    checker.finish(Some(manifest))
+}
+
+/// Humantime's reason for rejecting `s`, without restating the input.
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| e.to_string())
+}
+
+/// Where a `listen` address came from, to tell a real clash from one caused by an earlier error.
+enum Listen {
+    Default,
+    Given(Span),
+    Invalid,
+}
+
+/// What one `[services.NAME]` table turned into, before dependencies are resolved.
+struct ServiceDraft {
+    service: Service,
+    /// `depends_on` entries as written, each with where it was written.
+    depends_on: Vec<(String, Span)>,
+}
+
+/// Collects diagnostics while the tree is walked.
+struct Checker<'s> {
+    source: &'s str,
+    file: &'s Path,
+    lines: LineIndex<'s>,
+    /// Each diagnostic with its byte offset, so the final list can be put in source order.
+    found: Vec<(usize, Diagnostic)>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, span: &Span, message: impl Into<String>, help: Option<String>) {
+        let (line, column) = self.lines.line_column(span.start);
+        self.found.push((
+            span.start,
+            Diagnostic {
+                file: self.file.to_path_buf(),
+                line,
+                column,
+                message: message.into(),
+                help,
+            },
+        ));
+    }
+
+    fn finish(mut self, manifest: Option<Manifest>) -> Result<Manifest, Diagnostics> {
+        // Stable, so problems found at one spot keep the order they were found in.
+        self.found.sort_by_key(|(offset, _)| *offset);
+        match manifest {
+            Some(manifest) if self.found.is_empty() => Ok(manifest),
+            _ => Err(Diagnostics(
+                self.found.into_iter().map(|(_, d)| d).collect(),
+            )),
+        }
+    }
+
+    fn syntax_errors(&mut self, mut errors: Vec<toml::de::Error>) {
+        errors.sort_by_key(|e| e.span().map_or(0, |span| span.start));
+        let source_lines: Vec<&str> = self.source.lines().collect();
+        let is_header = |line: usize| {
+            source_lines
+                .get(line.wrapping_sub(1))
+                .is_some_and(|text| text.trim_start().starts_with('['))
+        };
+        // Lines of table headers that repeat an earlier one.
+        let mut repeated_headers = HashSet::new();
+        for error in errors {
+            let span = error.span().unwrap_or(0..0);
+            if !error.message().starts_with("duplicate key") {
+                // What the parser reports after recovering from real broken syntax is often
+                // an echo of the first mistake, so only that first one is worth showing.
+                self.error(&span, format!("invalid TOML: {}", error.message()), None);
+                break;
+            }
+            let key = self.source.get(span.clone()).unwrap_or_default();
+            let (line, _) = self.lines.line_column(span.start);
+            let help = if is_header(line) {
+                repeated_headers.insert(line);
+                "this table is already defined earlier in the file; merge the two sections or \
+                 rename one"
+                    .to_owned()
+            } else {
+                // The parser files the keys under a repeated header into the first one, so
+                // every key the two share comes back as a duplicate too; the header says it all.
+                let section = (1..line).rev().find(|&l| is_header(l));
+                if section.is_some_and(|l| repeated_headers.contains(&l)) {
+                    continue;
+                }
+                format!("`{key}` is already set earlier in the same table; remove one of the two")
+            };
+            self.error(&span, format!("duplicate key `{key}`"), Some(help));
+        }
+    }
+
+    fn manifest(&mut self, root: &DeTable<'_>) -> Manifest {
+        self.unknown_keys(root, TOP_KEYS, "at the top level");
+
+        let app = match root.get("app") {
+            Some(value) => self.app(value),
+            None => {
+                self.error(
+                    &(0..0),
+                    "missing required key `app`",
+                    Some("add `app = \"<name>\"` at the top of the file".into()),
+                );
+                String::new()
+            }
+        };
+
+        let drafts = match root.get("services") {
+            Some(value) => self.service_drafts(value),
+            None => Vec::new(),
+        };
+        let services = self.resolve_dependencies(drafts);
+
+        let (gateway, gateway_listen) = match root.get("gateway") {
+            Some(value) => self.gateway(value, &services),
+            None => (
+                GatewaySettings {
+                    listen: DEFAULT_GATEWAY_LISTEN,
+                    routes: Vec::new(),
+                },
+                Listen::Default,
+            ),
+        };
+        let (control, control_listen) = match root.get("control") {
+            Some(value) => self.control(value),
+            None => (
+                ControlSettings {
+                    listen: DEFAULT_CONTROL_LISTEN,
+                },
+                Listen::Default,
+            ),
+        };
+        let blamed = match (control_listen, gateway_listen) {
+            (Listen::Invalid, _) | (_, Listen::Invalid) => None,
+            (Listen::Given(span), _) | (_, Listen::Given(span)) => Some(span),
+            (Listen::Default, Listen::Default) => None,
+        };
+        // Port 0 asks the OS for a free port, so two of them never clash.
+        if gateway.listen == control.listen && gateway.listen.port() != 0 {
+            if let Some(span) = blamed {
+                self.error(
+                    &span,
+                    format!(
+                        "the gateway and the control API both listen on {}",
+                        gateway.listen
+                    ),
+                    Some("give [gateway] and [control] different ports".into()),
+                );
+            }
+        }
+
+        let dir = match self.file.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Manifest {
+            app,
+            path: self.file.to_path_buf(),
+            dir,
+            gateway,
+            control,
+            services,
+        }
+    }
+
+    fn app(&mut self, value: &Value<'_>) -> String {
+        let Some(app) = self.string(value, "app") else {
+            return String::new();
+        };
+        if app.trim().is_empty() {
+            self.error(
+                &value.span(),
+                "`app` must not be empty",
+                Some("name the application, like `app = \"shop\"`".into()),
+            );
+        }
+        app.to_owned()
+    }
+
+    // ---- [gateway] and [control] ----
+
+    fn gateway(&mut self, value: &Value<'_>, services: &[Service]) -> (GatewaySettings, Listen) {
+        let mut settings = GatewaySettings {
+            listen: DEFAULT_GATEWAY_LISTEN,
+            routes: Vec::new(),
+        };
+        let Some(table) = self.table(value, "gateway") else {
+            return (settings, Listen::Invalid);
+        };
+        self.unknown_keys(table, GATEWAY_KEYS, "in [gateway]");
+        let listen = self.listen(table, &mut settings.listen);
+        if let Some(value) = table.get("routes") {
+            settings.routes = self.routes(value, services);
+        }
+        (settings, listen)
+    }
+
+    fn control(&mut self, value: &Value<'_>) -> (ControlSettings, Listen) {
+        let mut settings = ControlSettings {
+            listen: DEFAULT_CONTROL_LISTEN,
+        };
+        let Some(table) = self.table(value, "control") else {
+            return (settings, Listen::Invalid);
+        };
+        self.unknown_keys(table, CONTROL_KEYS, "in [control]");
+        let listen = self.listen(table, &mut settings.listen);
+        (settings, listen)
+    }
+
+    /// Overwrites `slot` with the table's valid `listen` address, if it has one.
+    fn listen(&mut self, table: &DeTable<'_>, slot: &mut SocketAddr) -> Listen {
+        let Some(value) = table.get("listen") else {
+            return Listen::Default;
+        };
+        let Some(text) = self.string(value, "listen") else {
+            return Listen::Invalid;
+        };
+        match text.parse() {
+            Ok(addr) => {
+                *slot = addr;
+                Listen::Given(value.span())
+            }
+            Err(_) => {
+                self.error(
+                    &value.span(),
+                    format!("invalid listen address {text:?}: expected IP:PORT"),
+                    Some(LISTEN_HELP.into()),
+                );
+                Listen::Invalid
+            }
+        }
+    }
+
+    fn routes(&mut self, value: &Value<'_>, services: &[Service]) -> Vec<Route> {
+        let DeValue::Array(items) = value.get_ref() else {
+            self.wrong_type(
+                value,
+                "routes",
+                "an array of tables",
+                Some("write each route as its own [[gateway.routes]] section".into()),
+            );
+            return Vec::new();
+        };
+        let mut known: Vec<&str> = services.iter().map(|s| &*s.name).collect();
+        known.sort_unstable();
+
+        let mut routes: Vec<Route> = Vec::new();
+        // Prefix -> line and service (as written) of the route that used it first.
+        let mut claimed: HashMap<String, (usize, Option<String>)> = HashMap::new();
+        for item in items.iter() {
+            let Some(table) = self.table(item, "[[gateway.routes]] entry") else {
+                continue;
+            };
+            self.unknown_keys(table, ROUTE_KEYS, "in [[gateway.routes]]");
+
+            let written_service = table
+                .get("service")
+                .and_then(|value| value.get_ref().as_str());
+            let prefix = match table.get("prefix") {
+                Some(value) => self.route_prefix(value, written_service, &mut claimed),
+                None => {
+                    self.error(
+                        &item.span(),
+                        "missing required key `prefix` in [[gateway.routes]]",
+                        Some(
+                            "add the path prefix this route serves, like `prefix = \"/api\"`"
+                                .into(),
+                        ),
+                    );
+                    None
+                }
+            };
+            let service = match table.get("service") {
+                Some(value) => self.route_service(value, services, &known),
+                None => {
+                    self.error(
+                        &item.span(),
+                        "missing required key `service` in [[gateway.routes]]",
+                        Some(known_services_help(None, &known)),
+                    );
+                    None
+                }
+            };
+            let rewrite = table
+                .get("rewrite")
+                .and_then(|value| self.absolute_path(value, "rewrite"));
+
+            if let (Some(prefix), Some(service)) = (prefix, service) {
+                routes.push(Route {
+                    prefix,
+                    service,
+                    rewrite,
+                });
+            }
+        }
+        // Longest first, so the first prefix that matches a request is the most specific one.
+        routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+        routes
+    }
+
+    /// The normalised prefix, unless it is invalid or already used by an earlier route.
+    fn route_prefix(
+        &mut self,
+        value: &Value<'_>,
+        service: Option<&str>,
+        claimed: &mut HashMap<String, (usize, Option<String>)>,
+    ) -> Option<String> {
+        let raw = self.absolute_path(value, "prefix")?;
+        let trimmed = raw.trim_end_matches('/');
+        let prefix = if trimmed.is_empty() { "/" } else { trimmed }.to_owned();
+        if let Some((line, first_service)) = claimed.get(&prefix) {
+            let first = match first_service {
+                Some(service) => {
+                    format!("`{prefix}` is already routed to `{service}` on line {line}")
+                }
+                None => format!("`{prefix}` is already used by the route on line {line}"),
+            };
+            self.error(
+                &value.span(),
+                format!("duplicate route prefix `{prefix}`"),
+                Some(format!("{first}; remove one of the two routes")),
+            );
+            return None;
+        }
+        let (line, _) = self.lines.line_column(value.span().start);
+        claimed.insert(prefix.clone(), (line, service.map(String::from)));
+        Some(prefix)
+    }
+
+    fn route_service(
+        &mut self,
+        value: &Value<'_>,
+        services: &[Service],
+        known: &[&str],
+    ) -> Option<Arc<str>> {
+        let name = self.string(value, "service")?;
+        if let Some(service) = services.iter().find(|s| &*s.name == name) {
+            return Some(service.name.clone());
+        }
+        self.error(
+            &value.span(),
+            format!("unknown service `{name}` in route"),
+            Some(known_services_help(
+                closest(name, known.iter().copied()),
+                known,
+            )),
+        );
+        None
+    }
+
+    /// A string that must be an absolute URL path, like a route prefix.
+    fn absolute_path(&mut self, value: &Value<'_>, key: &str) -> Option<String> {
+        let text = self.string(value, key)?;
+        if !text.starts_with('/') {
+            self.error(
+                &value.span(),
+                format!("`{key}` must start with `/`, found {text:?}"),
+                Some(format!("write it as \"/{}\"", text.trim_start_matches('/'))),
+            );
+            return None;
+        }
+        Some(text.to_owned())
+    }
+
+    // ---- [services.*] ----
+
+    fn service_drafts(&mut self, value: &Value<'_>) -> Vec<ServiceDraft> {
+        let Some(table) = self.table(value, "services") else {
+            return Vec::new();
+        };
+        // The TOML map is sorted by name; the file order is what users expect to be kept.
+        let mut entries: Vec<_> = table.iter().collect();
+        entries.sort_by_key(|(key, _)| key.span().start);
+
+        let mut drafts = Vec::new();
+        for (key, value) in entries {
+            let name: &str = key.get_ref();
+            self.service_name(name, &key.span());
+            let DeValue::Table(body) = value.get_ref() else {
+                self.error(
+                    &value.span(),
+                    format!(
+                        "service `{name}` must be a table, found {}",
+                        a_type(value.get_ref())
+                    ),
+                    Some(format!(
+                        "define it as a [services.{name}] section with a `run` command"
+                    )),
+                );
+                continue;
+            };
+            drafts.push(self.service(name, &value.span(), body));
+        }
+        drafts
+    }
+
+    fn service_name(&mut self, name: &str, span: &Span) {
+        let mut chars = name.chars();
+        let well_formed = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !well_formed {
+            self.error(
+                span,
+                format!("invalid service name `{name}`"),
+                Some(
+                    "service names start with a lowercase letter and hold only lowercase \
+                     letters, digits and `-`, like `order-history`"
+                        .into(),
+                ),
+            );
+        } else if name.len() > MAX_SERVICE_NAME {
+            self.error(
+                span,
+                format!(
+                    "service name `{name}` is {} characters long; the limit is {MAX_SERVICE_NAME}",
+                    name.len()
+                ),
+                Some("service names are used as DNS labels; pick a shorter name".into()),
+            );
+        }
+    }
+
+    fn service(&mut self, name: &str, span: &Span, body: &DeTable<'_>) -> ServiceDraft {
+        let place = format!("in [services.{name}]");
+        self.unknown_keys(body, SERVICE_KEYS, &place);
+
+        let build = body.get("build").and_then(|value| {
+            let text = self.string(value, "build")?;
+            if text.trim().is_empty() {
+                self.error(
+                    &value.span(),
+                    "`build` must not be empty",
+                    Some("remove the `build` key if the service needs no build step".into()),
+                );
+            }
+            Some(text.to_owned())
+        });
+        let run = match body.get("run") {
+            Some(value) => self.run_command(value),
+            None => {
+                self.error(
+                    span,
+                    format!("missing required key `run` {place}"),
+                    Some(
+                        "add the command that starts the service, like `run = \"python3 app.py\"`"
+                            .into(),
+                    ),
+                );
+                Vec::new()
+            }
+        };
+        let version = match body.get("version") {
+            Some(value) => self.version(value),
+            None => DEFAULT_VERSION.to_owned(),
+        };
+        let replicas = body
+            .get("replicas")
+            .and_then(|value| self.count(value, "replicas", MAX_REPLICAS))
+            .unwrap_or(NonZeroU32::MIN);
+        let env = match body.get("env") {
+            Some(value) => self.env(value),
+            None => BTreeMap::new(),
+        };
+        let depends_on = match body.get("depends_on") {
+            Some(value) => self.depends_on(value),
+            None => Vec::new(),
+        };
+        let health = match body.get("health") {
+            Some(value) => self.health(value, name),
+            None => HealthSettings::default(),
+        };
+        let restart = match body.get("restart") {
+            Some(value) => self.restart(value, name),
+            None => RestartSettings::default(),
+        };
+
+        ServiceDraft {
+            service: Service {
+                name: name.into(),
+                build,
+                run,
+                version,
+                replicas,
+                health,
+                restart,
+                env,
+                depends_on: Vec::new(),
+            },
+            depends_on,
+        }
+    }
+
+    fn run_command(&mut self, value: &Value<'_>) -> Vec<String> {
+        let Some(text) = self.string(value, "run") else {
+            return Vec::new();
+        };
+        let words = match split_words(text) {
+            Ok(words) => words,
+            Err(reason) => {
+                self.error(
+                    &value.span(),
+                    format!("cannot split `run` into arguments: {reason}"),
+                    Some("close the quote, or escape the character with a backslash".into()),
+                );
+                return Vec::new();
+            }
+        };
+        if words.is_empty() {
+            self.error(
+                &value.span(),
+                "`run` must not be empty",
+                Some(
+                    "give the command that starts the service, like `run = \"python3 app.py\"`"
+                        .into(),
+                ),
+            );
+        }
+        if let Some(operator) = words.iter().find(|w| w.is_shell_operator()) {
+            self.error(
+                &value.span(),
+                format!(
+                    "`run` is executed without a shell, so `{}` would reach the program as a plain argument",
+                    operator.text
+                ),
+                Some(format!(
+                    "to use shell syntax, run a shell: `run = \"sh -c '...'\"`; to pass `{}` as an argument, quote it",
+                    operator.text
+                )),
+            );
+        }
+        words.into_iter().map(|w| w.text).collect()
+    }
+
+    fn version(&mut self, value: &Value<'_>) -> String {
+        let Some(text) = self.string(value, "version") else {
+            return DEFAULT_VERSION.to_owned();
+        };
+        if text.trim().is_empty() {
+            self.error(
+                &value.span(),
+                "`version` must not be empty",
+                Some(format!(
+                    "remove it to use the default \"{DEFAULT_VERSION}\", or write one like \"1.0.0\""
+                )),
+            );
+        }
+        text.to_owned()
+    }
+
+    fn env(&mut self, value: &Value<'_>) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let Some(table) = self.table(value, "env") else {
+            return env;
+        };
+        for (key, value) in table.iter() {
+            let name: &str = key.get_ref();
+            let mut chars = name.chars();
+            let valid = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                self.error(
+                    &key.span(),
+                    format!("invalid environment variable name `{name}`"),
+                    Some(
+                        "use letters, digits and `_`, not starting with a digit, like `LOG_LEVEL`"
+                            .into(),
+                    ),
+                );
+            }
+            match value.get_ref() {
+                DeValue::String(text) => {
+                    env.insert(name.to_owned(), text.to_string());
+                }
+                other => {
+                    // Echo the value back quoted, so the fix can be copied as it stands.
+                    let written = self.source.get(value.span()).unwrap_or_default();
+                    self.error(
+                        &value.span(),
+                        format!(
+                            "environment variable `{name}` must be a string, found {}",
+                            a_type(other)
+                        ),
+                        Some(format!("quote it: `{name} = \"{written}\"`")),
+                    );
+                }
+            }
+        }
+        env
+    }
+
+    fn depends_on(&mut self, value: &Value<'_>) -> Vec<(String, Span)> {
+        let DeValue::Array(items) = value.get_ref() else {
+            self.wrong_type(
+                value,
+                "depends_on",
+                "an array of service names",
+                Some("write it like `depends_on = [\"inventory\"]`".into()),
+            );
+            return Vec::new();
+        };
+        items
+            .iter()
+            .filter_map(|item| {
+                let name = self.string(item, "depends_on entry")?;
+                Some((name.to_owned(), item.span()))
+            })
+            .collect()
+    }
+
+    fn health(&mut self, value: &Value<'_>, service: &str) -> HealthSettings {
+        let mut health = HealthSettings::default();
+        let Some(table) = self.table(value, "health") else {
+            return health;
+        };
+        self.unknown_keys(
+            table,
+            HEALTH_KEYS,
+            &format!("in [services.{service}.health]"),
+        );
+        if let Some(path) = table
+            .get("path")
+            .and_then(|value| self.absolute_path(value, "path"))
+        {
+            health.path = path;
+        }
+        self.set_duration(table, "interval", false, &mut health.interval);
+        self.set_duration(table, "timeout", false, &mut health.timeout);
+        self.set_duration(table, "startup_timeout", false, &mut health.startup_timeout);
+        self.set_count(table, "healthy_threshold", &mut health.healthy_threshold);
+        self.set_count(
+            table,
+            "unhealthy_threshold",
+            &mut health.unhealthy_threshold,
+        );
+        health
+    }
+
+    fn restart(&mut self, value: &Value<'_>, service: &str) -> RestartSettings {
+        let mut restart = RestartSettings::default();
+        let Some(table) = self.table(value, "restart") else {
+            return restart;
+        };
+        self.unknown_keys(
+            table,
+            RESTART_KEYS,
+            &format!("in [services.{service}.restart]"),
+        );
+        // An immediate restart or an immediate SIGKILL is a legitimate choice, so zero is fine there.
+        let initial_ok =
+            self.set_duration(table, "backoff_initial", true, &mut restart.backoff_initial);
+        let max_ok = self.set_duration(table, "backoff_max", true, &mut restart.backoff_max);
+        self.set_duration(
+            table,
+            "crash_loop_window",
+            false,
+            &mut restart.crash_loop_window,
+        );
+        self.set_duration(table, "stop_grace", true, &mut restart.stop_grace);
+        self.set_count(
+            table,
+            "crash_loop_threshold",
+            &mut restart.crash_loop_threshold,
+        );
+
+        if initial_ok && max_ok && restart.backoff_max < restart.backoff_initial {
+            let blamed = table
+                .get("backoff_max")
+                .or_else(|| table.get("backoff_initial"))
+                .map(|v| v.span())
+                .unwrap_or(0..0);
+            self.error(
+                &blamed,
+                format!(
+                    "`backoff_max` ({}) is shorter than `backoff_initial` ({})",
+                    humantime::format_duration(restart.backoff_max),
+                    humantime::format_duration(restart.backoff_initial)
+                ),
+                Some(
+                    "the backoff starts at `backoff_initial` and grows up to `backoff_max`".into(),
+                ),
+            );
+        }
+        restart
+    }
+
+    /// Overwrites `slot` when `key` is present and valid; false when it is present but invalid.
+    fn set_duration(
+        &mut self,
+        table: &DeTable<'_>,
+        key: &str,
+        allow_zero: bool,
+        slot: &mut Duration,
+    ) -> bool {
+        let Some(value) = table.get(key) else {
+            return true;
+        };
+        let Some(text) = self.string_with_help(value, key, "a duration", DURATION_HELP) else {
+            return false;
+        };
+        match duration(text) {
+            Ok(parsed) if parsed.is_zero() && !allow_zero => {
+                self.error(
+                    &value.span(),
+                    format!("`{key}` must be longer than zero"),
+                    Some(DURATION_HELP.into()),
+                );
+                false
+            }
+            Ok(parsed) => {
+                *slot = parsed;
+                true
+            }
+            Err(reason) => {
+                self.error(
+                    &value.span(),
+                    format!("invalid duration {text:?} for `{key}`: {reason}"),
+                    Some(DURATION_HELP.into()),
+                );
+                false
+            }
+        }
+    }
+
+    fn set_count(&mut self, table: &DeTable<'_>, key: &str, slot: &mut NonZeroU32) {
+        if let Some(count) = table
+            .get(key)
+            .and_then(|value| self.count(value, key, u32::MAX))
+        {
+            *slot = count;
+        }
+    }
+
+    // ---- dependencies ----
+
+    /// Checks every `depends_on`, reports cycles, and returns the services in dependency order.
+    fn resolve_dependencies(&mut self, drafts: Vec<ServiceDraft>) -> Vec<Service> {
+        let index: HashMap<&str, usize> = drafts
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (&*d.service.name, i))
+            .collect();
+        let mut known: Vec<&str> = index.keys().copied().collect();
+        known.sort_unstable();
+
+        // For every service, the services it depends on, with where each was named.
+        let mut edges: Vec<Vec<(usize, Span)>> = Vec::with_capacity(drafts.len());
+        for draft in &drafts {
+            let name = &*draft.service.name;
+            let mut out: Vec<(usize, Span)> = Vec::new();
+            let mut seen = HashSet::new();
+            for (dependency, span) in &draft.depends_on {
+                match index.get(dependency.as_str()) {
+                    _ if dependency == name => self.error(
+                        span,
+                        format!("service `{name}` depends on itself"),
+                        Some(format!("remove \"{name}\" from its `depends_on`")),
+                    ),
+                    Some(&target) if !seen.insert(target) => self.error(
+                        span,
+                        format!("`{dependency}` is listed twice in `depends_on`"),
+                        Some("remove the second entry".into()),
+                    ),
+                    Some(&target) => out.push((target, span.clone())),
+                    None => self.error(
+                        span,
+                        format!("unknown service `{dependency}` in `depends_on`"),
+                        Some(known_services_help(
+                            closest(dependency, known.iter().copied()),
+                            &known,
+                        )),
+                    ),
+                }
+            }
+            edges.push(out);
+        }
+
+        let targets: Vec<Vec<usize>> = edges
+            .iter()
+            .map(|out| out.iter().map(|(target, _)| *target).collect())
+            .collect();
+        for cycle in find_cycles(&targets) {
+            let names: Vec<&str> = cycle.iter().map(|&i| &*drafts[i].service.name).collect();
+            let span = match cycle.as_slice() {
+                [first, second, ..] => edges[*first]
+                    .iter()
+                    .find(|(target, _)| target == second)
+                    .map(|(_, span)| span.clone()),
+                _ => None,
+            };
+            self.error(
+                &span.unwrap_or(0..0),
+                format!("dependency cycle: {}", names.join(" -> ")),
+                Some(
+                    "a service cannot wait for itself, even through others; remove one of \
+                     these `depends_on` entries"
+                        .into(),
+                ),
+            );
+        }
+
+        let order = dependency_order(&targets);
+        let names: Vec<Arc<str>> = drafts.iter().map(|d| d.service.name.clone()).collect();
+        let mut slots: Vec<Option<ServiceDraft>> = drafts.into_iter().map(Some).collect();
+        order
+            .into_iter()
+            .filter_map(|i| {
+                let mut service = slots[i].take()?.service;
+                service.depends_on = targets[i].iter().map(|&t| names[t].clone()).collect();
+                Some(service)
+            })
+            .collect()
+    }
+
+    // ---- typed access ----
+
+    fn unknown_keys(&mut self, table: &DeTable<'_>, allowed: &[&str], place: &str) {
+        for key in table.keys() {
+            let name: &str = key.get_ref();
+            if allowed.contains(&name) {
+                continue;
+            }
+            let list = allowed.join(", ");
+            let help = match closest(name, allowed.iter().copied()) {
+                Some(guess) => format!("did you mean `{guess}`? allowed keys {place} are: {list}"),
+                None => format!("allowed keys {place} are: {list}"),
+            };
+            self.error(
+                &key.span(),
+                format!("unknown key `{name}` {place}"),
+                Some(help),
+            );
+        }
+    }
+
+    fn wrong_type(&mut self, value: &Value<'_>, key: &str, expected: &str, help: Option<String>) {
+        self.error(
+            &value.span(),
+            format!(
+                "`{key}` must be {expected}, found {}",
+                a_type(value.get_ref())
+            ),
+            help,
+        );
+    }
+
+    fn string<'v>(&mut self, value: &'v Value<'_>, key: &str) -> Option<&'v str> {
+        match value.get_ref() {
+            DeValue::String(text) => Some(text.as_ref()),
+            _ => {
+                self.wrong_type(value, key, "a string", None);
+                None
+            }
+        }
+    }
+
+    fn string_with_help<'v>(
+        &mut self,
+        value: &'v Value<'_>,
+        key: &str,
+        expected: &str,
+        help: &str,
+    ) -> Option<&'v str> {
+        match value.get_ref() {
+            DeValue::String(text) => Some(text.as_ref()),
+            _ => {
+                self.wrong_type(value, key, expected, Some(help.into()));
+                None
+            }
+        }
+    }
+
+    fn table<'v, 'i>(&mut self, value: &'v Value<'i>, key: &str) -> Option<&'v DeTable<'i>> {
+        match value.get_ref() {
+            DeValue::Table(table) => Some(table),
+            _ => {
+                self.wrong_type(value, key, "a table", None);
+                None
+            }
+        }
+    }
+
+    /// A positive integer no larger than `max`.
+    fn count(&mut self, value: &Value<'_>, key: &str, max: u32) -> Option<NonZeroU32> {
+        let number = match value.get_ref() {
+            DeValue::Integer(integer) => {
+                i64::from_str_radix(integer.as_str(), integer.radix()).ok()
+            }
+            DeValue::String(_) => {
+                self.wrong_type(
+                    value,
+                    key,
+                    "an integer",
+                    Some(format!("write the number without quotes, like `{key} = 2`")),
+                );
+                return None;
+            }
+            _ => {
+                self.wrong_type(value, key, "an integer", None);
+                return None;
+            }
+        };
+        let count = number
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|&n| n <= max)
+            .and_then(NonZeroU32::new);
+        if count.is_none() {
+            let written = self.source.get(value.span()).unwrap_or_default();
+            let message = if max == u32::MAX {
+                format!("`{key}` must be at least 1, found {written}")
+            } else {
+                format!("`{key}` must be between 1 and {max}, found {written}")
+            };
+            self.error(&value.span(), message, None);
+        }
+        count
+    }
+}
+
+fn known_services_help(guess: Option<&str>, known: &[&str]) -> String {
+    let list = if known.is_empty() {
+        "no services are defined yet; add a [services.NAME] section".to_owned()
+    } else {
+        format!("known services are: {}", known.join(", "))
+    };
+    match guess {
+        Some(guess) => format!("did you mean `{guess}`? {list}"),
+        None => list,
+    }
+}
+
+/// The type of a value with its article, for "expected ..., found a string".
+fn a_type(value: &DeValue<'_>) -> &'static str {
+    match value {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date-time",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+/// Every cycle reachable by following dependencies, each written as `a, b, ..., a`.
+fn find_cycles(edges: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        Unvisited,
+        OnPath,
+        Finished,
+    }
+
+    fn visit(
+        node: usize,
+        edges: &[Vec<usize>],
+        state: &mut [State],
+        path: &mut Vec<usize>,
+        cycles: &mut Vec<Vec<usize>>,
+    ) {
+        state[node] = State::OnPath;
+        path.push(node);
+        for &next in &edges[node] {
+            match state[next] {
+                State::Unvisited => visit(next, edges, state, path, cycles),
+                State::OnPath => {
+                    if let Some(start) = path.iter().position(|&n| n == next) {
+                        let mut cycle = path[start..].to_vec();
+                        cycle.push(next);
+                        cycles.push(cycle);
+                    }
+                }
+                State::Finished => {}
+            }
+        }
+        path.pop();
+        state[node] = State::Finished;
+    }
+
+    let mut state = vec![State::Unvisited; edges.len()];
+    let mut cycles = Vec::new();
+    for node in 0..edges.len() {
+        if state[node] == State::Unvisited {
+            visit(node, edges, &mut state, &mut Vec::new(), &mut cycles);
+        }
+    }
+    cycles
+}
+
+/// Indices in an order where every node comes after its dependencies, taking the earliest ready
+/// node each time so that independent services keep their file order.
+///
+/// Nodes on or behind a cycle have no such place; they go last, in file order, so that later
+/// checks (such as route targets) still find them. The cycle itself is reported separately.
+fn dependency_order(edges: &[Vec<usize>]) -> Vec<usize> {
+    let mut placed = vec![false; edges.len()];
+    let mut order = Vec::with_capacity(edges.len());
+    while let Some(next) =
+        (0..edges.len()).find(|&i| !placed[i] && edges[i].iter().all(|&dep| placed[dep]))
+    {
+        placed[next] = true;
+        order.push(next);
+    }
+    order.extend((0..edges.len()).filter(|&i| !placed[i]));
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependency_order_keeps_file_order_among_independent_nodes() {
+        // 0 depends on 2, 1 is free, 2 is free, 3 depends on 0 and 1.
+        let edges = vec![vec![2], vec![], vec![], vec![0, 1]];
+        assert_eq!(dependency_order(&edges), [1, 2, 0, 3]);
+    }
+
+    #[test]
+    fn dependency_order_puts_cycles_last() {
+        let edges = vec![vec![1], vec![0], vec![]];
+        assert_eq!(dependency_order(&edges), [2, 0, 1]);
+    }
+
+    #[test]
+    fn cycles_are_found_once_each() {
+        let edges = vec![vec![1], vec![2], vec![0], vec![3], vec![]];
+        assert_eq!(find_cycles(&edges), [vec![0, 1, 2, 0], vec![3, 3]]);
+        assert!(find_cycles(&[vec![1], vec![2], vec![]]).is_empty());
+    }
+}

@@ -1,0 +1,946 @@
+//! End-to-end tests of `parse` and `load`: what valid manifests turn into, and exactly where and
+//! how invalid ones are reported.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotilla_manifest::{
+    Diagnostic, Diagnostics, HealthSettings, Manifest, RestartSettings, load, parse,
+};
+
+const DURATION_HELP: &str = "use a number with a unit, like \"500ms\", \"2s\" or \"1m\"";
+
+fn ok(source: &str) -> Manifest {
+    match parse(source, Path::new("flotilla.toml")) {
+        Ok(manifest) => manifest,
+        Err(diagnostics) => panic!("expected a valid manifest, got:\n{diagnostics}"),
+    }
+}
+
+fn errors(source: &str) -> Vec<Diagnostic> {
+    match parse(source, Path::new("flotilla.toml")) {
+        Ok(manifest) => panic!("expected errors, got {manifest:#?}"),
+        Err(diagnostics) => {
+            assert!(!diagnostics.is_empty());
+            diagnostics.0
+        }
+    }
+}
+
+/// The one error `source` has, checked to be at `line`:`column` with `message`.
+#[track_caller]
+fn single_error(source: &str, line: usize, column: usize, message: &str) -> Diagnostic {
+    let found = errors(source);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one error, got:\n{}",
+        Diagnostics(found)
+    );
+    let error = found.into_iter().next().expect("one error");
+    assert_eq!(
+        (error.line, error.column, error.message.as_str()),
+        (line, column, message),
+        "\n{error}"
+    );
+    assert_eq!(error.file, Path::new("flotilla.toml"));
+    error
+}
+
+fn help(error: &Diagnostic) -> &str {
+    error.help.as_deref().unwrap_or("")
+}
+
+fn names(manifest: &Manifest) -> Vec<&str> {
+    manifest.services.iter().map(|s| &*s.name).collect()
+}
+
+const FULL: &str = r#"app = "shop"
+
+[gateway]
+listen = "0.0.0.0:9000"
+
+[[gateway.routes]]
+prefix = "/api/"
+service = "catalog"
+
+[[gateway.routes]]
+prefix = "/api/v1/orders/"
+service = "orders"
+rewrite = "/orders"
+
+[[gateway.routes]]
+prefix = "/"
+service = "web"
+
+[control]
+listen = "[::1]:4500"
+
+[services.web]
+run = "python3 -m http.server"
+depends_on = ["orders", "catalog"]
+
+[services.orders]
+build = "cargo build --release"
+run = "./target/release/orders --name 'the orders' \"a b\""
+version = "1.2.3"
+replicas = 3
+env = { LOG_LEVEL = "debug", _DB_URL2 = "sqlite://orders.db" }
+depends_on = ["catalog"]
+
+[services.orders.health]
+path = "/health"
+interval = "500ms"
+timeout = "2s"
+healthy_threshold = 2
+unhealthy_threshold = 5
+startup_timeout = "1m30s"
+
+[services.orders.restart]
+backoff_initial = "1s"
+backoff_max = "1m"
+crash_loop_threshold = 10
+crash_loop_window = "5m"
+stop_grace = "0s"
+
+[services.catalog]
+run = "python3 catalog/catalog.py"
+"#;
+
+#[test]
+fn full_manifest_round_trip() {
+    let manifest = match parse(FULL, Path::new("examples/shop/flotilla.toml")) {
+        Ok(manifest) => manifest,
+        Err(diagnostics) => panic!("{diagnostics}"),
+    };
+    assert_eq!(manifest.app, "shop");
+    assert_eq!(manifest.path, Path::new("examples/shop/flotilla.toml"));
+    assert_eq!(manifest.dir, Path::new("examples/shop"));
+    assert_eq!(manifest.gateway.listen, "0.0.0.0:9000".parse().unwrap());
+    assert_eq!(manifest.control.listen, "[::1]:4500".parse().unwrap());
+
+    let routes: Vec<(&str, &str, Option<&str>)> = manifest
+        .gateway
+        .routes
+        .iter()
+        .map(|r| (r.prefix.as_str(), &*r.service, r.rewrite.as_deref()))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("/api/v1/orders", "orders", Some("/orders")),
+            ("/api", "catalog", None),
+            ("/", "web", None),
+        ]
+    );
+
+    assert_eq!(names(&manifest), ["catalog", "orders", "web"]);
+
+    let catalog = manifest.service("catalog").expect("catalog");
+    assert_eq!(catalog.run, ["python3", "catalog/catalog.py"]);
+    assert_eq!(catalog.build, None);
+    assert_eq!(catalog.version, "0.0.0");
+    assert_eq!(catalog.replicas, NonZeroU32::MIN);
+    assert_eq!(catalog.health, HealthSettings::default());
+    assert_eq!(catalog.restart, RestartSettings::default());
+    assert!(catalog.env.is_empty());
+    assert!(catalog.depends_on.is_empty());
+
+    let orders = manifest.service("orders").expect("orders");
+    assert_eq!(orders.build.as_deref(), Some("cargo build --release"));
+    assert_eq!(
+        orders.run,
+        ["./target/release/orders", "--name", "the orders", "a b"]
+    );
+    assert_eq!(orders.version, "1.2.3");
+    assert_eq!(orders.replicas.get(), 3);
+    assert_eq!(
+        orders.env,
+        BTreeMap::from([
+            ("LOG_LEVEL".to_owned(), "debug".to_owned()),
+            ("_DB_URL2".to_owned(), "sqlite://orders.db".to_owned()),
+        ])
+    );
+    let depends: Vec<&str> = orders.depends_on.iter().map(|d| &**d).collect();
+    assert_eq!(depends, ["catalog"]);
+    assert_eq!(
+        orders.health,
+        HealthSettings {
+            path: "/health".into(),
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: NonZeroU32::new(2).unwrap(),
+            unhealthy_threshold: NonZeroU32::new(5).unwrap(),
+            startup_timeout: Duration::from_secs(90),
+        }
+    );
+    assert_eq!(
+        orders.restart,
+        RestartSettings {
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            crash_loop_threshold: NonZeroU32::new(10).unwrap(),
+            crash_loop_window: Duration::from_secs(300),
+            stop_grace: Duration::ZERO,
+        }
+    );
+
+    let web = manifest.service("web").expect("web");
+    let depends: Vec<&str> = web.depends_on.iter().map(|d| &**d).collect();
+    assert_eq!(depends, ["orders", "catalog"]);
+}
+
+#[test]
+fn minimal_manifest_gets_defaults() {
+    let manifest = ok("app = \"shop\"\n[services.web]\nrun = \"./web\"\n");
+    assert_eq!(manifest.dir, Path::new("."));
+    assert_eq!(manifest.gateway.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(manifest.control.listen, "127.0.0.1:4400".parse().unwrap());
+    assert!(manifest.gateway.routes.is_empty());
+    assert_eq!(names(&manifest), ["web"]);
+
+    let bare = ok("app = \"empty\"\n");
+    assert!(bare.services.is_empty());
+}
+
+#[test]
+fn inline_tables_work_like_sections() {
+    let manifest = ok(r#"app = "shop"
+gateway = { routes = [{ prefix = "/a", service = "a" }] }
+services.a = { run = "a", health = { interval = "5s" } }
+"#);
+    assert_eq!(manifest.gateway.routes[0].prefix, "/a");
+    assert_eq!(manifest.services[0].health.interval, Duration::from_secs(5));
+}
+
+#[test]
+fn services_come_in_dependency_order_keeping_file_order_otherwise() {
+    let manifest = ok(r#"app = "shop"
+[services.gateway-ui]
+run = "ui"
+depends_on = ["orders", "catalog"]
+[services.orders]
+run = "orders"
+depends_on = ["payments", "inventory"]
+[services.zeta]
+run = "zeta"
+[services.payments]
+run = "payments"
+[services.catalog]
+run = "catalog"
+depends_on = ["inventory"]
+[services.inventory]
+run = "inventory"
+[services.alpha]
+run = "alpha"
+"#);
+    assert_eq!(
+        names(&manifest),
+        [
+            "zeta",
+            "payments",
+            "inventory",
+            "orders",
+            "catalog",
+            "gateway-ui",
+            "alpha"
+        ]
+    );
+    for (position, service) in manifest.services.iter().enumerate() {
+        for dependency in &service.depends_on {
+            let before = &manifest.services[..position];
+            assert!(before.iter().any(|s| s.name == *dependency));
+        }
+    }
+}
+
+#[test]
+fn route_prefix_trailing_slashes_are_removed_except_for_root() {
+    let manifest = ok(r#"app = "shop"
+[[gateway.routes]]
+prefix = "/"
+service = "a"
+[[gateway.routes]]
+prefix = "/b/"
+service = "a"
+[[gateway.routes]]
+prefix = "/cc"
+service = "a"
+[services.a]
+run = "a"
+"#);
+    let prefixes: Vec<&str> = manifest
+        .gateway
+        .routes
+        .iter()
+        .map(|r| r.prefix.as_str())
+        .collect();
+    assert_eq!(prefixes, ["/cc", "/b", "/"]);
+}
+
+// ---- one test per kind of error ----
+
+#[test]
+fn unknown_top_level_key() {
+    let error = single_error(
+        "app = \"shop\"\ncolour = \"blue\"\n",
+        2,
+        1,
+        "unknown key `colour` at the top level",
+    );
+    assert_eq!(
+        help(&error),
+        "allowed keys at the top level are: app, gateway, control, services"
+    );
+
+    let error = single_error(
+        "app = \"shop\"\n[servics.web]\nrun = \"x\"\n",
+        2,
+        2,
+        "unknown key `servics` at the top level",
+    );
+    assert!(
+        help(&error).starts_with("did you mean `services`?"),
+        "{error}"
+    );
+}
+
+#[test]
+fn unknown_key_in_service() {
+    let error = single_error(
+        "app = \"shop\"\n\n[services.web]\nrun = \"x\"\nreplica = 2\n",
+        5,
+        1,
+        "unknown key `replica` in [services.web]",
+    );
+    assert_eq!(
+        help(&error),
+        "did you mean `replicas`? allowed keys in [services.web] are: build, run, version, \
+         replicas, env, depends_on, health, restart"
+    );
+}
+
+#[test]
+fn unknown_key_in_health() {
+    let error = single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\n[services.web.health]\n  intervall = \"2s\"\n",
+        5,
+        3,
+        "unknown key `intervall` in [services.web.health]",
+    );
+    assert!(help(&error).starts_with("did you mean `interval`?"));
+}
+
+#[test]
+fn unknown_keys_in_other_tables() {
+    single_error(
+        "app = \"a\"\n[gateway]\nlisten = \"127.0.0.1:1\"\nport = 2\n",
+        4,
+        1,
+        "unknown key `port` in [gateway]",
+    );
+    single_error(
+        "app = \"a\"\n[control]\nlisen = \"127.0.0.1:1\"\n",
+        3,
+        1,
+        "unknown key `lisen` in [control]",
+    );
+    single_error(
+        "app = \"a\"\n[[gateway.routes]]\nprefix = \"/\"\nservice = \"a\"\nstrip = true\n[services.a]\nrun = \"a\"\n",
+        5,
+        1,
+        "unknown key `strip` in [[gateway.routes]]",
+    );
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.restart]\nbackoff = \"1s\"\n",
+        5,
+        1,
+        "unknown key `backoff` in [services.a.restart]",
+    );
+}
+
+#[test]
+fn route_to_unknown_service() {
+    let error = single_error(
+        r#"app = "shop"
+[[gateway.routes]]
+prefix = "/api"
+service = "ordrs"
+[services.orders]
+run = "x"
+[services.catalog]
+run = "y"
+"#,
+        4,
+        11,
+        "unknown service `ordrs` in route",
+    );
+    assert_eq!(
+        help(&error),
+        "did you mean `orders`? known services are: catalog, orders"
+    );
+}
+
+#[test]
+fn duplicate_service_name() {
+    let error = single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\n[services.web]\nrun = \"y\"\n",
+        4,
+        11,
+        "duplicate key `web`",
+    );
+    assert!(help(&error).contains("already defined earlier"), "{error}");
+
+    // Every duplicate is reported, not only the first.
+    let found = errors("app = \"a\"\napp = \"b\"\n[services.a]\nrun = \"x\"\nrun = \"y\"\n");
+    let at: Vec<(usize, usize, &str)> = found
+        .iter()
+        .map(|e| (e.line, e.column, e.message.as_str()))
+        .collect();
+    assert_eq!(
+        at,
+        [(2, 1, "duplicate key `app`"), (5, 1, "duplicate key `run`")]
+    );
+}
+
+#[test]
+fn dependency_cycle() {
+    let error = single_error(
+        r#"app = "shop"
+[services.orders]
+run = "x"
+depends_on = ["payments"]
+[services.payments]
+run = "y"
+depends_on = ["orders"]
+[services.free]
+run = "z"
+"#,
+        4,
+        15,
+        "dependency cycle: orders -> payments -> orders",
+    );
+    assert!(help(&error).contains("remove one of these `depends_on` entries"));
+
+    // Services on a cycle are still known to the rest of the checks.
+    let found = errors(
+        r#"app = "shop"
+[[gateway.routes]]
+prefix = "/"
+service = "ordrs"
+[services.orders]
+run = "x"
+depends_on = ["orders2"]
+[services.orders2]
+run = "y"
+depends_on = ["orders"]
+"#,
+    );
+    assert_eq!(found.len(), 2, "{}", Diagnostics(found));
+    assert!(
+        help(&found[0]).starts_with("did you mean `orders`?"),
+        "{}",
+        found[0]
+    );
+
+    single_error(
+        r#"app = "shop"
+[services.a]
+run = "a"
+depends_on = ["c"]
+[services.b]
+run = "b"
+depends_on = ["a"]
+[services.c]
+run = "c"
+depends_on = ["free", "b"]
+[services.free]
+run = "free"
+"#,
+        4,
+        15,
+        "dependency cycle: a -> c -> b -> a",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let error = single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\n[services.web.health]\ninterval = \"2x\"\n",
+        5,
+        12,
+        "invalid duration \"2x\" for `interval`: unknown time unit \"x\", supported units: ns, \
+         us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)",
+    );
+    assert_eq!(help(&error), DURATION_HELP);
+
+    let error = single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\nrestart = { stop_grace = 10 }\n",
+        4,
+        26,
+        "`stop_grace` must be a duration, found an integer",
+    );
+    assert_eq!(help(&error), DURATION_HELP);
+
+    single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\nhealth.startup_timeout = \"60\"\n",
+        4,
+        26,
+        "invalid duration \"60\" for `startup_timeout`: time unit needed, for example 60sec or 60ms",
+    );
+}
+
+#[test]
+fn zero_durations() {
+    let error = single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\n[services.web.health]\ntimeout = \"0s\"\n",
+        5,
+        11,
+        "`timeout` must be longer than zero",
+    );
+    assert_eq!(help(&error), DURATION_HELP);
+    single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\n[services.web.health]\ninterval = \"0ms\"\n",
+        5,
+        12,
+        "`interval` must be longer than zero",
+    );
+}
+
+#[test]
+fn zero_replicas() {
+    single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\nreplicas = 0\n",
+        4,
+        12,
+        "`replicas` must be between 1 and 64, found 0",
+    );
+    single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\nreplicas = -2\n",
+        4,
+        12,
+        "`replicas` must be between 1 and 64, found -2",
+    );
+    single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\nreplicas = 65\n",
+        4,
+        12,
+        "`replicas` must be between 1 and 64, found 65",
+    );
+    single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\nhealth = { healthy_threshold = 0 }\n",
+        4,
+        32,
+        "`healthy_threshold` must be at least 1, found 0",
+    );
+}
+
+#[test]
+fn bad_listen_address() {
+    let error = single_error(
+        "app = \"shop\"\n[gateway]\nlisten = \"localhost:8080\"\n",
+        3,
+        10,
+        "invalid listen address \"localhost:8080\": expected IP:PORT",
+    );
+    assert!(help(&error).contains("\"127.0.0.1:8080\""));
+    single_error(
+        "app = \"shop\"\n[control]\nlisten = \"127.0.0.1\"\n",
+        3,
+        10,
+        "invalid listen address \"127.0.0.1\": expected IP:PORT",
+    );
+}
+
+#[test]
+fn gateway_and_control_must_not_share_an_address() {
+    single_error(
+        "app = \"shop\"\n[control]\nlisten = \"127.0.0.1:8080\"\n",
+        3,
+        10,
+        "the gateway and the control API both listen on 127.0.0.1:8080",
+    );
+    // Port 0 means "any free port", so it is never a clash.
+    ok("app = \"shop\"\ngateway.listen = \"127.0.0.1:0\"\ncontrol.listen = \"127.0.0.1:0\"\n");
+}
+
+#[test]
+fn missing_run() {
+    let error = single_error(
+        "app = \"shop\"\n\n[services.web]\nversion = \"1.0.0\"\n",
+        3,
+        1,
+        "missing required key `run` in [services.web]",
+    );
+    assert_eq!(
+        help(&error),
+        "add the command that starts the service, like `run = \"python3 app.py\"`"
+    );
+}
+
+#[test]
+fn missing_app() {
+    let error = single_error(
+        "[services.web]\nrun = \"x\"\n",
+        1,
+        1,
+        "missing required key `app`",
+    );
+    assert!(help(&error).contains("app = \"<name>\""));
+    single_error("app = \"  \"\n", 1, 7, "`app` must not be empty");
+}
+
+#[test]
+fn wrong_type() {
+    let error = single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\nreplicas = \"two\"\n",
+        4,
+        12,
+        "`replicas` must be an integer, found a string",
+    );
+    assert_eq!(
+        help(&error),
+        "write the number without quotes, like `replicas = 2`"
+    );
+    single_error(
+        "app = \"shop\"\n[services.web]\nrun = [\"x\"]\n",
+        3,
+        7,
+        "`run` must be a string, found an array",
+    );
+    single_error(
+        "app = 3\n",
+        1,
+        7,
+        "`app` must be a string, found an integer",
+    );
+    single_error(
+        "app = \"shop\"\nservices = \"web\"\n",
+        2,
+        12,
+        "`services` must be a table, found a string",
+    );
+    single_error(
+        "app = \"shop\"\n[services]\nweb = \"python3 web.py\"\n",
+        3,
+        7,
+        "service `web` must be a table, found a string",
+    );
+    single_error(
+        "app = \"shop\"\n[gateway]\nroutes = { prefix = \"/\" }\n",
+        3,
+        10,
+        "`routes` must be an array of tables, found a table",
+    );
+    single_error(
+        "app = \"shop\"\n[services.web]\nrun = \"x\"\ndepends_on = \"db\"\n",
+        4,
+        14,
+        "`depends_on` must be an array of service names, found a string",
+    );
+}
+
+#[test]
+fn syntax_error_reports_where_it_is() {
+    let found = errors("app = \"shop\"\n[services.web]\nrun = = \"x\"\nreplicas = 0\n");
+    assert_eq!(found.len(), 1, "{}", Diagnostics(found));
+    assert_eq!((found[0].line, found[0].column), (3, 7));
+    assert!(
+        found[0].message.starts_with("invalid TOML: "),
+        "{}",
+        found[0]
+    );
+
+    // An unterminated string is reported where it starts going wrong, not where recovery
+    // stumbled later on.
+    let found = errors("app = \"shop\n[services.web]\nrun = \"x\"\n");
+    assert_eq!(found.len(), 1, "{}", Diagnostics(found));
+    assert_eq!(found[0].line, 1);
+}
+
+// ---- other checks ----
+
+#[test]
+fn route_checks() {
+    let error = single_error(
+        "app = \"a\"\n[[gateway.routes]]\nprefix = \"api\"\nservice = \"a\"\n[services.a]\nrun = \"a\"\n",
+        3,
+        10,
+        "`prefix` must start with `/`, found \"api\"",
+    );
+    assert_eq!(help(&error), "write it as \"/api\"");
+    single_error(
+        "app = \"a\"\n[[gateway.routes]]\nprefix = \"/x\"\nservice = \"a\"\nrewrite = \"y\"\n[services.a]\nrun = \"a\"\n",
+        5,
+        11,
+        "`rewrite` must start with `/`, found \"y\"",
+    );
+    single_error(
+        "app = \"a\"\n[[gateway.routes]]\nservice = \"a\"\n[services.a]\nrun = \"a\"\n",
+        2,
+        1,
+        "missing required key `prefix` in [[gateway.routes]]",
+    );
+    let error = single_error(
+        "app = \"a\"\n[[gateway.routes]]\nprefix = \"/\"\n",
+        2,
+        1,
+        "missing required key `service` in [[gateway.routes]]",
+    );
+    assert!(help(&error).contains("no services are defined"));
+}
+
+#[test]
+fn duplicate_route_prefix() {
+    let error = single_error(
+        r#"app = "a"
+[[gateway.routes]]
+prefix = "/api"
+service = "a"
+[[gateway.routes]]
+prefix = "/api/"
+service = "b"
+[services.a]
+run = "a"
+[services.b]
+run = "b"
+"#,
+        6,
+        10,
+        "duplicate route prefix `/api`",
+    );
+    assert_eq!(
+        help(&error),
+        "`/api` is already routed to `a` on line 3; remove one of the two routes"
+    );
+}
+
+#[test]
+fn depends_on_checks() {
+    let error = single_error(
+        "app = \"a\"\n[services.api]\nrun = \"a\"\ndepends_on = [\"db\", \"cahce\"]\n[services.cache]\nrun = \"c\"\n[services.db]\nrun = \"d\"\n",
+        4,
+        21,
+        "unknown service `cahce` in `depends_on`",
+    );
+    assert_eq!(
+        help(&error),
+        "did you mean `cache`? known services are: api, cache, db"
+    );
+    single_error(
+        "app = \"a\"\n[services.api]\nrun = \"a\"\ndepends_on = [\"api\"]\n",
+        4,
+        15,
+        "service `api` depends on itself",
+    );
+    single_error(
+        "app = \"a\"\n[services.api]\nrun = \"a\"\ndepends_on = [\"db\", \"db\"]\n[services.db]\nrun = \"d\"\n",
+        4,
+        21,
+        "`db` is listed twice in `depends_on`",
+    );
+}
+
+#[test]
+fn service_name_rules() {
+    let error = single_error(
+        "app = \"a\"\n[services.Web_1]\nrun = \"a\"\n",
+        2,
+        11,
+        "invalid service name `Web_1`",
+    );
+    assert!(help(&error).contains("lowercase"));
+    single_error(
+        "app = \"a\"\n[services.1web]\nrun = \"a\"\n",
+        2,
+        11,
+        "invalid service name `1web`",
+    );
+    let long = "a".repeat(64);
+    single_error(
+        &format!("app = \"a\"\n[services.{long}]\nrun = \"a\"\n"),
+        2,
+        11,
+        &format!("service name `{long}` is 64 characters long; the limit is 63"),
+    );
+    ok(&format!(
+        "app = \"a\"\n[services.{}]\nrun = \"a\"\n[services.a-0-b]\nrun = \"b\"\n",
+        "a".repeat(63)
+    ));
+}
+
+#[test]
+fn run_command_checks() {
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"\"\n",
+        3,
+        7,
+        "`run` must not be empty",
+    );
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"echo 'hi\"\n",
+        3,
+        7,
+        "cannot split `run` into arguments: unterminated single quote",
+    );
+    let error = single_error(
+        "app = \"a\"\n[services.a]\nrun = \"python3 app.py > app.log\"\n",
+        3,
+        7,
+        "`run` is executed without a shell, so `>` would reach the program as a plain argument",
+    );
+    assert!(help(&error).contains("sh -c"));
+    let manifest = ok("app = \"a\"\n[services.a]\nrun = \"grep '>' in.txt\"\n");
+    assert_eq!(manifest.services[0].run, ["grep", ">", "in.txt"]);
+}
+
+#[test]
+fn env_checks() {
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\nenv = { MY-VAR = \"1\" }\n",
+        4,
+        9,
+        "invalid environment variable name `MY-VAR`",
+    );
+    let error = single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.env]\nPORT = 8080\n",
+        5,
+        8,
+        "environment variable `PORT` must be a string, found an integer",
+    );
+    assert_eq!(help(&error), "quote it: `PORT = \"8080\"`");
+}
+
+#[test]
+fn backoff_max_must_not_be_below_backoff_initial() {
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.restart]\nbackoff_initial = \"1m\"\nbackoff_max = \"5s\"\n",
+        6,
+        15,
+        "`backoff_max` (5s) is shorter than `backoff_initial` (1m)",
+    );
+    // Against the default maximum of 30s.
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.restart]\nbackoff_initial = \"1m\"\n",
+        5,
+        19,
+        "`backoff_max` (30s) is shorter than `backoff_initial` (1m)",
+    );
+}
+
+#[test]
+fn all_independent_errors_are_reported_together_in_source_order() {
+    let found = errors(
+        r#"app = "shop"
+colour = "blue"
+
+[[gateway.routes]]
+prefix = "/api"
+service = "ordrs"
+
+[services.orders]
+run = "python3 orders.py"
+
+[services.orders.health]
+interval = "fast"
+"#,
+    );
+    let at: Vec<(usize, usize, &str)> = found
+        .iter()
+        .map(|e| (e.line, e.column, e.message.as_str()))
+        .collect();
+    assert_eq!(at.len(), 3, "{}", Diagnostics(found.clone()));
+    assert_eq!(at[0], (2, 1, "unknown key `colour` at the top level"));
+    assert_eq!(at[1], (6, 11, "unknown service `ordrs` in route"));
+    assert_eq!((at[2].0, at[2].1), (12, 12));
+    assert!(
+        at[2]
+            .2
+            .starts_with("invalid duration \"fast\" for `interval`")
+    );
+}
+
+#[test]
+fn many_errors_in_one_service_are_all_reported() {
+    let found = errors(
+        "app = \"a\"\n[services.a]\nreplicas = 0\nversion = 1\nhealth = { path = \"x\", timeout = \"0s\" }\n",
+    );
+    let lines: Vec<usize> = found.iter().map(|e| e.line).collect();
+    // Missing `run` (at the header), replicas, version, health.path, health.timeout.
+    assert_eq!(lines, [2, 3, 4, 5, 5], "{}", Diagnostics(found));
+}
+
+#[test]
+fn display_formats_every_diagnostic() {
+    let source = "app = \"shop\"\n[[gateway.routes]]\nprefix = \"/\"\nservice = \"ordrs\"\n[services.orders]\nrun = \"x\"\n";
+    let diagnostics = match parse(source, Path::new("examples/shop/flotilla.toml")) {
+        Ok(_) => panic!("the route is broken"),
+        Err(diagnostics) => diagnostics,
+    };
+    assert_eq!(
+        diagnostics.to_string(),
+        "examples/shop/flotilla.toml:4:11: error: unknown service `ordrs` in route\n  \
+         help: did you mean `orders`? known services are: orders"
+    );
+    assert_eq!(
+        diagnostics.render(Some(source)),
+        "examples/shop/flotilla.toml:4:11: error: unknown service `ordrs` in route\n  \
+         |\n\
+         4 | service = \"ordrs\"\n  \
+         |           ^\n  \
+         help: did you mean `orders`? known services are: orders"
+    );
+    let _: &dyn std::error::Error = &diagnostics;
+}
+
+// ---- load ----
+
+#[test]
+fn load_reads_a_directory_or_a_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("flotilla.toml");
+    std::fs::write(&file, "app = \"shop\"\n[services.web]\nrun = \"./web\"\n").expect("write");
+
+    let from_dir = load(dir.path()).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(from_dir.path, file);
+    assert_eq!(from_dir.dir, dir.path().canonicalize().unwrap());
+    assert!(from_dir.dir.is_absolute());
+
+    let from_file = load(&file).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(from_file.app, "shop");
+    assert_eq!(from_file.dir, from_dir.dir);
+}
+
+#[test]
+fn load_reports_errors_with_the_file_path() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("flotilla.toml");
+    std::fs::write(&file, "app = \"shop\"\nextra = 1\n").expect("write");
+    let diagnostics = load(dir.path()).expect_err("invalid");
+    assert_eq!(diagnostics.len(), 1);
+    assert_eq!(diagnostics.0[0].file, file);
+    assert!(diagnostics.render(None).contains("2 | extra = 1"));
+}
+
+#[test]
+fn load_on_a_missing_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let diagnostics = load(dir.path()).expect_err("nothing there");
+    let expected_file: PathBuf = dir.path().join("flotilla.toml");
+    assert_eq!(diagnostics.len(), 1);
+    let error = &diagnostics.0[0];
+    assert_eq!(error.file, expected_file);
+    assert_eq!((error.line, error.column), (1, 1));
+    assert!(
+        error
+            .message
+            .starts_with(&format!("cannot read {}: ", expected_file.display())),
+        "{error}"
+    );
+    assert_eq!(
+        help(error),
+        "run `flotilla check DIR` on a directory that holds a flotilla.toml"
+    );
+}

@@ -1,0 +1,122 @@
+use std::sync::Arc;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::ProxyBody;
+use crate::problem::build;
+
+/// Why the data plane could not deliver a request. The rescue layer turns each into a problem
+/// response; the `Display` text is its `detail`, so it names things but never leaks internals.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The gateway has no route for the path.
+    #[error("no route matches `{path}`")]
+    NoRoute { path: Box<str> },
+    /// The edge refuses the method (the sidecar does not tunnel CONNECT).
+    #[error("{reason}")]
+    MethodNotAllowed {
+        /// The `allow` header value.
+        allow: &'static str,
+        reason: &'static str,
+    },
+    /// A reserved feature, such as the sidecar's `flotilla` host, that a later version provides.
+    #[error("{what} is not yet available")]
+    NotYetAvailable { what: &'static str },
+    /// The request itself is unusable, e.g. names no host at the sidecar.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// A request reached the stack without a [`crate::Target`]: a wiring bug, not the client's.
+    #[error("the request has no target service")]
+    NoTarget,
+    /// A route's rewrite produced something that is not a URI path.
+    #[error("the route's rewrite produced an invalid path")]
+    InvalidRewrite,
+    /// The name is not a service of this app.
+    #[error("unknown service `{0}`")]
+    UnknownService(Arc<str>),
+    /// The service exists but none of its instances is healthy right now.
+    #[error("no healthy instance of `{0}`")]
+    NoHealthyInstance(Arc<str>),
+    /// The instance refused, reset or otherwise failed the exchange.
+    #[error("upstream `{service}` instance `{instance}` failed: {reason}")]
+    UpstreamFailed {
+        service: Arc<str>,
+        instance: Arc<str>,
+        /// Short and fixed, e.g. "connection refused"; the full error goes to the log only.
+        reason: &'static str,
+    },
+    /// The instance did not accept a connection within the connect timeout.
+    #[error("upstream `{service}` instance `{instance}` did not accept a connection in time")]
+    ConnectTimeout {
+        service: Arc<str>,
+        instance: Arc<str>,
+    },
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Error::NotYetAvailable { .. } => StatusCode::NOT_IMPLEMENTED,
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::NoTarget | Error::InvalidRewrite => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::UnknownService(_) | Error::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            Error::NoHealthyInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The problem's `type` and `title`: one per kind, stable, so clients can branch on them.
+    fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            Error::NoRoute { .. } => ("urn:flotilla:problem:no-route", "No route"),
+            Error::MethodNotAllowed { .. } => (
+                "urn:flotilla:problem:method-not-allowed",
+                "Method not allowed",
+            ),
+            Error::NotYetAvailable { .. } => (
+                "urn:flotilla:problem:not-yet-available",
+                "Not yet available",
+            ),
+            Error::BadRequest(_) => ("urn:flotilla:problem:bad-request", "Bad request"),
+            Error::NoTarget => ("urn:flotilla:problem:no-target", "No target"),
+            Error::InvalidRewrite => ("urn:flotilla:problem:invalid-rewrite", "Invalid rewrite"),
+            Error::UnknownService(_) => ("urn:flotilla:problem:unknown-service", "Unknown service"),
+            Error::NoHealthyInstance(_) => (
+                "urn:flotilla:problem:no-healthy-instance",
+                "No healthy instance",
+            ),
+            Error::UpstreamFailed { .. } => {
+                ("urn:flotilla:problem:upstream-failed", "Upstream failed")
+            }
+            Error::ConnectTimeout { .. } => (
+                "urn:flotilla:problem:upstream-timeout",
+                "Upstream timed out",
+            ),
+        }
+    }
+
+    /// The problem+json response for this error.
+    pub fn to_response(&self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
+        let (kind, title) = self.kind();
+        let mut response = build(kind, self.status(), title, &self.to_string(), request_id);
+        match self {
+            // Nothing is healthy right now, but instances come back within a health interval.
+            Error::NoHealthyInstance(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // RFC 9110 requires `allow` on a 405.
+            Error::MethodNotAllowed { allow, .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,206 @@
+//! The sidecar: one service instance's outbound proxy, handed to it as `HTTP_PROXY`.
+//!
+//! A service calls `http://inventory/stock` with any ordinary HTTP client; because of
+//! `HTTP_PROXY` the client sends the request in absolute form (`GET http://inventory/stock`) to
+//! the sidecar, which reads the host name as the service to call ([`HostEdge`]) and sends the
+//! request through the same [`flotilla_proxy`] stack as the gateway: request id, hop-by-hop
+//! stripping, round-robin over the healthy instances, pooled upstream connections, problem+json
+//! errors. It adds no `x-forwarded-*` headers (the traffic is internal) and rewrites no paths.
+//! [`serve`] runs it on the instance's listener until shutdown.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use flotilla_proxy::{Edge, Error, ProxySettings, Target};
+use flotilla_registry::Discovery;
+use http::{Method, Request, header};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The host name reserved for Flotilla's own services to instances (events, sagas). Nothing
+/// answers it yet; it is refused with 501 so no service can take the name meanwhile.
+pub const RESERVED_HOST: &str = "flotilla";
+
+/// Interned service names kept at most; past this, names are allocated per request rather than
+/// letting a caller that invents host names grow the table.
+const MAX_INTERNED: usize = 1024;
+
+/// Reads the target service from the request's host: the absolute URI's, else the Host header's,
+/// port dropped, lowercased.
+#[derive(Debug)]
+pub struct HostEdge {
+    caller: Arc<str>,
+    /// Host name → the `Arc<str>` every request for it shares, so the hot path does not allocate
+    /// a service name per request.
+    names: RwLock<HashMap<Box<str>, Arc<str>>>,
+}
+
+impl HostEdge {
+    pub fn new(caller: Arc<str>) -> Self {
+        Self {
+            caller,
+            names: RwLock::default(),
+        }
+    }
+
+    fn service_name(&self, host: &str) -> Arc<str> {
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
+        // A poisoned lock still holds a valid map: entries are only ever inserted whole.
+        if let Some(name) = self
+            .names
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host)
+        {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(host);
+        let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
+        if names.len() < MAX_INTERNED {
+            names.insert(host.into(), name.clone());
+        }
+        name
+    }
+}
+
+impl Edge for HostEdge {
+    fn target<B>(&self, request: &Request<B>) -> Result<Target, Error> {
+        if request.method() == Method::CONNECT {
+            tracing::debug!(caller = &*self.caller, "refused CONNECT");
+            return Err(Error::MethodNotAllowed {
+                allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+                reason: "the sidecar does not tunnel (CONNECT); call services with plain http:// URLs",
+            });
+        }
+        let host = match request.uri().host() {
+            Some(host) => host,
+            None => request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(strip_port)
+                .ok_or(Error::BadRequest(
+                    "the request names no host; call services as http://<service>/…",
+                ))?,
+        };
+        if host.is_empty() {
+            return Err(Error::BadRequest(
+                "the request names no host; call services as http://<service>/…",
+            ));
+        }
+        if host.eq_ignore_ascii_case(RESERVED_HOST) {
+            return Err(Error::NotYetAvailable {
+                what: "the reserved host `flotilla`",
+            });
+        }
+        Ok(Target::service(self.service_name(host)))
+    }
+}
+
+/// `inventory:80` → `inventory`; `[::1]:80` → `[::1]` (no service is named like an address, so
+/// those fail as unknown services, which is the right answer).
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    host.split_once(':').map_or(host, |(name, _)| name)
+}
+
+/// Serves the sidecar of `caller` (a service instance, e.g. `orders-2`) on `listener` until
+/// `shutdown` is cancelled, then gives in-flight calls [`flotilla_proxy::DEFAULT_DRAIN_TIMEOUT`].
+pub async fn serve<D: Discovery>(
+    listener: TcpListener,
+    caller: Arc<str>,
+    discovery: Arc<D>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::debug!(caller = &*caller, addr = ?listener.local_addr().ok(), "sidecar serving");
+    let stack =
+        flotilla_proxy::stack_with_edge(discovery, ProxySettings::sidecar(), HostEdge::new(caller));
+    flotilla_proxy::serve_connections(
+        listener,
+        stack,
+        shutdown,
+        flotilla_proxy::DEFAULT_DRAIN_TIMEOUT,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edge() -> HostEdge {
+        HostEdge::new("orders-1".into())
+    }
+
+    fn target(request: Request<()>) -> Result<Target, Error> {
+        edge().target(&request)
+    }
+
+    #[test]
+    fn absolute_uri_host_wins() {
+        let request = Request::builder()
+            .uri("http://Inventory:8080/stock?sku=TEA")
+            .header(header::HOST, "other")
+            .body(())
+            .expect("request");
+        let target = target(request).expect("target");
+        assert_eq!(&*target.service, "inventory");
+        assert_eq!(target.strip_prefix, None);
+    }
+
+    #[test]
+    fn host_header_otherwise() {
+        let request = Request::builder()
+            .uri("/stock")
+            .header(header::HOST, "payments:80")
+            .body(())
+            .expect("request");
+        assert_eq!(&*target(request).expect("target").service, "payments");
+    }
+
+    #[test]
+    fn names_are_shared_not_reallocated() {
+        let edge = edge();
+        let a = edge.service_name("catalog");
+        let b = edge.service_name("CATALOG");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn refusals() {
+        let connect = Request::builder()
+            .method(Method::CONNECT)
+            .uri("inventory:443")
+            .body(())
+            .expect("request");
+        assert!(matches!(
+            target(connect),
+            Err(Error::MethodNotAllowed { .. })
+        ));
+        let reserved = Request::builder()
+            .uri("http://flotilla/events")
+            .body(())
+            .expect("request");
+        assert!(matches!(
+            target(reserved),
+            Err(Error::NotYetAvailable { .. })
+        ));
+        let hostless = Request::builder().uri("/x").body(()).expect("request");
+        assert!(matches!(target(hostless), Err(Error::BadRequest(_))));
+    }
+
+    #[test]
+    fn ports_are_dropped() {
+        assert_eq!(strip_port("inventory:80"), "inventory");
+        assert_eq!(strip_port("inventory"), "inventory");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+    }
+}

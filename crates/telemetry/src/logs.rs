@@ -1,0 +1,187 @@
+//! The centralized log: a bounded ring of recent lines plus a broadcast for followers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// Which pipe a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    /// Written by Flotilla itself about the instance (started, exited, restarting).
+    System,
+}
+
+/// One captured line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogRecord {
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    pub service: Arc<str>,
+    pub instance: Arc<str>,
+    pub stream: Stream,
+    pub line: String,
+}
+
+/// Which records to return.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub service: Option<String>,
+    pub instance: Option<String>,
+    /// Only records at or after this time.
+    pub since: Option<SystemTime>,
+    /// At most this many, the newest ones (still returned oldest first).
+    pub limit: Option<usize>,
+}
+
+impl LogQuery {
+    pub fn matches(&self, record: &LogRecord) -> bool {
+        self.service.as_deref().is_none_or(|s| *record.service == *s)
+            && self.instance.as_deref().is_none_or(|i| *record.instance == *i)
+            && self.since.is_none_or(|since| record.time >= since)
+    }
+}
+
+/// Recent log lines of the whole fleet, bounded in memory.
+pub struct LogStore {
+    ring: Mutex<VecDeque<Arc<LogRecord>>>,
+    capacity: usize,
+    followers: broadcast::Sender<Arc<LogRecord>>,
+    /// Lines pushed out of the ring to make room.
+    evicted: AtomicU64,
+}
+
+impl LogStore {
+    /// Keeps the newest `capacity` lines.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            capacity: capacity.max(1),
+            followers: broadcast::channel(1024).0,
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    pub fn push(&self, record: LogRecord) {
+        let record = Arc::new(record);
+        {
+            let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+            if ring.len() == self.capacity {
+                ring.pop_front();
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+            ring.push_back(record.clone());
+        }
+        // No follower is not an error; a slow follower lags and is told so by the channel.
+        let _ = self.followers.send(record);
+    }
+
+    /// The matching records, oldest first.
+    pub fn query(&self, query: &LogQuery) -> Vec<Arc<LogRecord>> {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = query.limit.unwrap_or(usize::MAX);
+        let mut newest_first: Vec<_> = ring
+            .iter()
+            .rev()
+            .filter(|r| query.matches(r))
+            .take(limit)
+            .cloned()
+            .collect();
+        newest_first.reverse();
+        newest_first
+    }
+
+    /// Every record pushed from now on.
+    pub fn follow(&self) -> broadcast::Receiver<Arc<LogRecord>> {
+        self.followers.subscribe()
+    }
+
+    /// How many lines were dropped from memory to stay within capacity.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+}
+
+mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::SystemTime;
+
+    pub(crate) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(*t))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn record(service: &str, line: &str, time: SystemTime) -> LogRecord {
+        LogRecord {
+            time,
+            service: service.into(),
+            instance: format!("{service}-1").into(),
+            stream: Stream::Stdout,
+            line: line.into(),
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_lines_within_capacity() {
+        let store = LogStore::new(3);
+        let now = SystemTime::now();
+        for i in 0..5 {
+            store.push(record("a", &i.to_string(), now));
+        }
+        let lines: Vec<_> = store.query(&LogQuery::default()).iter().map(|r| r.line.clone()).collect();
+        assert_eq!(lines, ["2", "3", "4"]);
+        assert_eq!(store.evicted(), 2);
+    }
+
+    #[test]
+    fn filters_by_service_since_and_limit() {
+        let store = LogStore::new(100);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        store.push(record("a", "old", t0));
+        store.push(record("b", "other", t0 + Duration::from_secs(5)));
+        store.push(record("a", "new", t0 + Duration::from_secs(10)));
+        store.push(record("a", "newest", t0 + Duration::from_secs(20)));
+        let query = LogQuery {
+            service: Some("a".into()),
+            since: Some(t0 + Duration::from_secs(1)),
+            limit: Some(1),
+            ..LogQuery::default()
+        };
+        let lines: Vec<_> = store.query(&query).iter().map(|r| r.line.clone()).collect();
+        assert_eq!(lines, ["newest"]);
+    }
+
+    #[test]
+    fn records_round_trip_through_json() {
+        let original = record("a", "hello", SystemTime::UNIX_EPOCH + Duration::from_micros(1_500_000));
+        let json = serde_json::to_string(&original).expect("serialize");
+        assert!(json.contains("\"time\":\"1970-01-01T00:00:01.500000Z\""), "{json}");
+        let back: LogRecord = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back.time, original.time);
+        assert_eq!(back.line, "hello");
+    }
+
+    #[tokio::test]
+    async fn followers_see_new_lines() {
+        let store = LogStore::new(10);
+        let mut follower = store.follow();
+        store.push(record("a", "live", SystemTime::now()));
+        assert_eq!(follower.recv().await.expect("a line").line, "live");
+    }
+}
