@@ -35,12 +35,24 @@ pub fn process_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
-    // Signal 0 checks for existence without signalling. A zombie still counts as alive until it is
-    // reaped, which is what `down` wants: it waits for the real end.
+    // Signal 0 checks for existence without signalling.
     #[allow(unsafe_code)]
     // SAFETY: kill(2) with signal 0 has no side effects and takes plain integers.
     let result = unsafe { libc::kill(pid, 0) };
-    result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists && !is_zombie(pid)
+}
+
+/// A process that has exited but not yet been reaped by its parent runs nothing any more.
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            let after_name = stat.rsplit_once(')')?.1;
+            after_name.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(false)
 }
 
 /// A client for one fleet's control API.

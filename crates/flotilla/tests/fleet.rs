@@ -154,7 +154,10 @@ fn ctrl_c_stops_everything_gracefully() {
         assert!(!alive(pid), "service process {pid} survived Ctrl-C");
     }
     let output = fleet.output();
-    assert!(output.contains("back/back-1 | stopped"), "services saw SIGTERM and stopped on their own:\n{output}");
+    assert!(
+        output.lines().any(|l| l.starts_with("back/back-1 ") && l.ends_with("| stopped")),
+        "services saw SIGTERM and stopped on their own:\n{output}"
+    );
 }
 
 #[test]

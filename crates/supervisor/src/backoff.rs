@@ -153,7 +153,10 @@ mod tests {
         let first = history.crashed(&s, at(0), short, 0.0);
         assert_eq!((first.delay.as_millis(), first.crash_looping), (100, false));
         let second = history.crashed(&s, at(200), short, 0.0);
-        assert_eq!((second.delay.as_millis(), second.crash_looping), (200, false));
+        assert_eq!(
+            (second.delay.as_millis(), second.crash_looping),
+            (200, false)
+        );
         let third = history.crashed(&s, at(500), short, 0.0);
         assert!(third.crash_looping);
         assert_eq!((third.delay, third.recent), (s.backoff_max, 3));

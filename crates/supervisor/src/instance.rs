@@ -8,7 +8,7 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -281,7 +281,9 @@ fn spawn(inner: &Arc<Inner>, instance: &Instance, crash_looping: bool) -> Result
     sys::die_with_parent(&mut command);
     let mut child = command.spawn().map_err(spawn_error)?;
     let Some(pid) = child.id() else {
-        return Err(spawn_error(io::Error::other("the process vanished at once")));
+        return Err(spawn_error(io::Error::other(
+            "the process vanished at once",
+        )));
     };
     let started = Instant::now();
 
@@ -533,12 +535,16 @@ mod tests {
             Path::new("/apps/shop/../../target/release/orders")
         );
         assert_eq!(resolve_program(dir, "python3"), Path::new("python3"));
-        assert_eq!(resolve_program(dir, "/usr/bin/env"), Path::new("/usr/bin/env"));
+        assert_eq!(
+            resolve_program(dir, "/usr/bin/env"),
+            Path::new("/usr/bin/env")
+        );
     }
 
     #[test]
     fn exits_are_described_like_a_shell_would() {
         use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
         assert_eq!(describe_exit(ExitStatus::from_raw(1 << 8)), "exit status 1");
         assert_eq!(describe_exit(ExitStatus::from_raw(9)), "killed by signal 9");
     }

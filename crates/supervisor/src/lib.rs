@@ -1,6 +1,6 @@
 //! The supervisor: the part of Flotilla that owns the service processes.
 //!
-//! `flotilla up` hands it the validated [`Manifest`](flotilla_manifest::Manifest) together with the
+//! `flotilla up` hands it the validated [`Manifest`] together with the
 //! shared [`Registry`], [`HealthChecker`] and [`LogStore`]. From there the supervisor
 //!
 //! - runs the services' `build` commands ([`Supervisor::build`]), each distinct command once;
@@ -13,9 +13,9 @@
 //!   [`InstanceState::CrashLoop`] when it keeps crashing;
 //! - stops everything gracefully, dependents first ([`Supervisor::shutdown`]).
 //!
-//! The gateway, sidecars and control API never talk to the supervisor directly: they read the
-//! registry (who is healthy where) and the log store; only `status` pages ask
-//! [`Supervisor::status`] for process-level facts (pid, restarts, last exit).
+//! The gateway and sidecars never talk to the supervisor: they only read the registry (who is
+//! healthy where). The control API reads the log store, and asks [`Supervisor::status`] for
+//! process-level facts (pid, restarts, last exit).
 //!
 //! Each instance is driven by one task (see `instance.rs`) that owns its child process; every task
 //! the supervisor spawns is tracked, so [`Supervisor::shutdown`] can wait for all of them.

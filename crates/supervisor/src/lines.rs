@@ -96,7 +96,11 @@ mod tests {
         let lines = lines(&input).await;
         assert_eq!(lines.len(), 2);
         assert!(lines[0].starts_with(&"x".repeat(MAX_LINE)));
-        assert!(lines[0].ends_with(" [… 10 more bytes]"), "{}", &lines[0][MAX_LINE..]);
+        assert!(
+            lines[0].ends_with(" [… 10 more bytes]"),
+            "{}",
+            &lines[0][MAX_LINE..]
+        );
         assert_eq!(lines[1], "next");
     }
 }

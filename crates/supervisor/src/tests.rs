@@ -15,8 +15,8 @@ use flotilla_telemetry::{LogQuery, LogStore, Stream};
 use tempfile::TempDir;
 
 use crate::{
-    BuildProgress, Error, InstanceEnv, InstanceState, InstanceStatus, Supervisor,
-    SupervisorConfig, sys,
+    BuildProgress, Error, InstanceEnv, InstanceState, InstanceStatus, Supervisor, SupervisorConfig,
+    sys,
 };
 
 /// Serves `/healthz` on `$PORT` after printing its environment; knobs come from the environment.
@@ -92,14 +92,6 @@ fn server(name: &str) -> Service {
     service(name, &[python(), "-u", "server.py"])
 }
 
-struct NoExtraEnv;
-
-impl InstanceEnv for NoExtraEnv {
-    fn env(&self, _service: &str, _instance: &str) -> Vec<(String, String)> {
-        Vec::new()
-    }
-}
-
 struct Fleet {
     dir: TempDir,
     registry: Registry,
@@ -170,7 +162,12 @@ impl Fleet {
             })
             .iter()
             .find(|r| r.line.starts_with(prefix))
-            .unwrap_or_else(|| panic!("{instance} never logged {prefix:?}: {:?}", self.lines(instance)))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{instance} never logged {prefix:?}: {:?}",
+                    self.lines(instance)
+                )
+            })
             .time
     }
 
@@ -198,7 +195,13 @@ fn gone(pid: u32) -> bool {
 fn dead(pid: u32) -> bool {
     gone(pid)
         || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(true)
 }
 
@@ -207,7 +210,10 @@ struct SidecarEnv;
 impl InstanceEnv for SidecarEnv {
     fn env(&self, _service: &str, instance: &str) -> Vec<(String, String)> {
         vec![
-            ("SIDECAR_URL".into(), format!("http://sidecar-of-{instance}")),
+            (
+                "SIDECAR_URL".into(),
+                format!("http://sidecar-of-{instance}"),
+            ),
             // The service's own `env` must win over this.
             ("GREETING".into(), "from the sidecar".into()),
         ]
@@ -222,7 +228,11 @@ async fn replicas_get_their_own_port_and_the_flotilla_environment() {
     echo.env.insert("GREETING".into(), "hello".into());
     let fleet = fleet(vec![echo], Arc::new(SidecarEnv));
 
-    fleet.supervisor.start().await.expect("both replicas become healthy");
+    fleet
+        .supervisor
+        .start()
+        .await
+        .expect("both replicas become healthy");
     fleet
         .wait_for("both running", |f| {
             f.supervisor
@@ -281,7 +291,7 @@ async fn a_service_starts_only_after_its_dependencies_are_healthy() {
     a.env.insert("START_DELAY".into(), "0.3".into());
     let mut b = server("b");
     b.depends_on = vec![Arc::from("a")];
-    let fleet = fleet(vec![a, b], Arc::new(NoExtraEnv));
+    let fleet = fleet(vec![a, b], Arc::new(()));
 
     // Watch the registry: when did a-1 turn healthy, when was b-1 first registered?
     let events: Arc<Mutex<(Option<SystemTime>, Option<SystemTime>)>> = Arc::default();
@@ -315,7 +325,10 @@ async fn a_service_starts_only_after_its_dependencies_are_healthy() {
         a_healthy.expect("a became healthy"),
         b_registered.expect("b was registered"),
     );
-    assert!(a_healthy <= b_registered, "b registered before a was healthy");
+    assert!(
+        a_healthy <= b_registered,
+        "b registered before a was healthy"
+    );
     let b_started = fleet.logged_at("b-1", "started pid");
     assert!(fleet.logged_at("a-1", "listening") <= b_started);
     assert!(a_healthy <= b_started);
@@ -326,7 +339,7 @@ async fn a_service_starts_only_after_its_dependencies_are_healthy() {
 
 #[tokio::test]
 async fn a_killed_instance_is_restarted() {
-    let fleet = fleet(vec![server("victim")], Arc::new(NoExtraEnv));
+    let fleet = fleet(vec![server("victim")], Arc::new(()));
     fleet.supervisor.start().await.expect("healthy");
     let first_pid = fleet.status("victim-1").pid.expect("a pid");
 
@@ -359,12 +372,20 @@ async fn a_killed_instance_is_restarted() {
 async fn a_crashing_service_crash_loops_without_disturbing_the_others() {
     let mut crasher = service(
         "crasher",
-        &[python(), "-c", "import sys; print('giving up', file=sys.stderr); sys.exit(1)"],
+        &[
+            python(),
+            "-c",
+            "import sys; print('giving up', file=sys.stderr); sys.exit(1)",
+        ],
     );
     crasher.health.startup_timeout = Duration::from_millis(1500);
-    let fleet = fleet(vec![crasher, server("steady")], Arc::new(NoExtraEnv));
+    let fleet = fleet(vec![crasher, server("steady")], Arc::new(()));
 
-    let error = fleet.supervisor.start().await.expect_err("crasher never becomes healthy");
+    let error = fleet
+        .supervisor
+        .start()
+        .await
+        .expect_err("crasher never becomes healthy");
     let Error::NeverHealthy {
         service,
         instance,
@@ -376,9 +397,17 @@ async fn a_crashing_service_crash_loops_without_disturbing_the_others() {
     };
     assert_eq!((&**service, &**instance), ("crasher", "crasher-1"));
     assert!(reason.contains("exit status 1"), "{reason}");
-    assert!(last_lines.iter().any(|l| l == "giving up"), "{last_lines:#?}");
+    assert!(
+        last_lines.iter().any(|l| l == "giving up"),
+        "{last_lines:#?}"
+    );
     assert!(last_lines.len() <= 20);
-    assert!(error.to_string().contains("`crasher-1` never became healthy"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("`crasher-1` never became healthy"),
+        "{error}"
+    );
 
     let crasher = fleet.status("crasher-1");
     assert_eq!(crasher.state, InstanceState::CrashLoop);
@@ -400,7 +429,9 @@ async fn a_crashing_service_crash_loops_without_disturbing_the_others() {
     // It keeps retrying, still marked crash-looping.
     let restarts = crasher.restarts;
     fleet
-        .wait_for("another restart", |f| f.status("crasher-1").restarts > restarts)
+        .wait_for("another restart", |f| {
+            f.status("crasher-1").restarts > restarts
+        })
         .await;
     assert_eq!(fleet.status("crasher-1").state, InstanceState::CrashLoop);
 
@@ -416,7 +447,7 @@ async fn shutdown_stops_dependents_first_and_kills_what_ignores_sigterm() {
     stubborn.restart.stop_grace = Duration::from_millis(300);
     stubborn.env.insert("IGNORE_TERM".into(), "1".into());
     stubborn.env.insert("SPAWN_CHILD".into(), "1".into());
-    let fleet = fleet(vec![base, stubborn], Arc::new(NoExtraEnv));
+    let fleet = fleet(vec![base, stubborn], Arc::new(()));
     fleet.supervisor.start().await.expect("healthy");
 
     let base_pid = fleet.status("base-1").pid.expect("a pid");
@@ -443,17 +474,35 @@ async fn shutdown_stops_dependents_first_and_kills_what_ignores_sigterm() {
     assert!(dead(grandchild), "the grandchild outlived its service");
 
     let stubborn = fleet.lines("stubborn-1");
-    assert!(stubborn.contains(&"stopping (SIGTERM)".to_owned()), "{stubborn:#?}");
-    assert!(stubborn.contains(&"killed after 300ms grace".to_owned()), "{stubborn:#?}");
-    assert!(stubborn.contains(&"stopped: killed by signal 9".to_owned()), "{stubborn:#?}");
+    assert!(
+        stubborn.contains(&"stopping (SIGTERM)".to_owned()),
+        "{stubborn:#?}"
+    );
+    assert!(
+        stubborn.contains(&"killed after 300ms grace".to_owned()),
+        "{stubborn:#?}"
+    );
+    assert!(
+        stubborn.contains(&"stopped: killed by signal 9".to_owned()),
+        "{stubborn:#?}"
+    );
     let base = fleet.lines("base-1");
-    assert!(base.contains(&"stopped: killed by signal 15".to_owned()), "{base:#?}");
-    assert!(!base.iter().any(|l| l.starts_with("killed after")), "{base:#?}");
+    assert!(
+        base.contains(&"stopped: killed by signal 15".to_owned()),
+        "{base:#?}"
+    );
+    assert!(
+        !base.iter().any(|l| l.starts_with("killed after")),
+        "{base:#?}"
+    );
     // The dependent was gone before its dependency was asked to stop.
     assert!(fleet.logged_at("stubborn-1", "stopped:") <= fleet.logged_at("base-1", "stopping"));
 
     for s in fleet.supervisor.status() {
-        assert_eq!((s.state, s.pid, s.health), (InstanceState::Stopped, None, Health::Unknown));
+        assert_eq!(
+            (s.state, s.pid, s.health),
+            (InstanceState::Stopped, None, Health::Unknown)
+        );
     }
     assert!(fleet.registry.instances().is_empty());
 
@@ -461,7 +510,10 @@ async fn shutdown_stops_dependents_first_and_kills_what_ignores_sigterm() {
     tokio::time::timeout(Duration::from_secs(1), fleet.supervisor.shutdown())
         .await
         .expect("a second shutdown returns at once");
-    assert!(matches!(fleet.supervisor.start().await, Err(Error::ShuttingDown)));
+    assert!(matches!(
+        fleet.supervisor.start().await,
+        Err(Error::ShuttingDown)
+    ));
 }
 
 #[derive(Default)]
@@ -498,7 +550,10 @@ fn with_build(name: &str, build: &str) -> Service {
 }
 
 fn count_lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).expect("written").lines().count()
+    std::fs::read_to_string(path)
+        .expect("written")
+        .lines()
+        .count()
 }
 
 #[tokio::test]
@@ -511,10 +566,14 @@ async fn identical_build_commands_run_once() {
             with_build("y", shared),
             with_build("z", "echo other >> other.txt"),
         ],
-        Arc::new(NoExtraEnv),
+        Arc::new(()),
     );
     let progress = Recorder::default();
-    fleet.supervisor.build(&progress).await.expect("builds pass");
+    fleet
+        .supervisor
+        .build(&progress)
+        .await
+        .expect("builds pass");
 
     assert_eq!(count_lines(&fleet.dir.path().join("count.txt")), 1);
     assert_eq!(count_lines(&fleet.dir.path().join("other.txt")), 1);
@@ -538,7 +597,7 @@ async fn a_failing_build_reports_its_output() {
             with_build("bad", "echo boom; echo oops >&2; exit 3"),
             with_build("later", "echo never >> later.txt"),
         ],
-        Arc::new(NoExtraEnv),
+        Arc::new(()),
     );
     let progress = Recorder::default();
     let error = fleet.supervisor.build(&progress).await.expect_err("exit 3");
@@ -554,20 +613,32 @@ async fn a_failing_build_reports_its_output() {
     assert_eq!(names(services), "bad");
     assert_eq!(command, "echo boom; echo oops >&2; exit 3");
     assert_eq!(status.code(), Some(3));
-    assert!(output.contains("boom\n") && output.contains("oops\n"), "{output:?}");
+    assert!(
+        output.contains("boom\n") && output.contains("oops\n"),
+        "{output:?}"
+    );
     let message = error.to_string();
-    assert!(message.contains("building bad failed (exit status 3)"), "{message}");
+    assert!(
+        message.contains("building bad failed (exit status 3)"),
+        "{message}"
+    );
     assert!(message.contains("boom"), "{message}");
-    assert!(!fleet.dir.path().join("later.txt").exists(), "stops at the first failure");
+    assert!(
+        !fleet.dir.path().join("later.txt").exists(),
+        "stops at the first failure"
+    );
     let events = progress.events.lock().expect("not poisoned").clone();
-    assert_eq!(events.last().map(String::as_str), Some("finished bad false"));
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("finished bad false")
+    );
 }
 
 #[tokio::test]
 async fn a_missing_program_is_reported_and_retried() {
     let fleet = fleet(
         vec![service("ghost", &["./no-such-program", "--flag"])],
-        Arc::new(NoExtraEnv),
+        Arc::new(()),
     );
     let error = fleet.supervisor.start().await.expect_err("nothing to run");
     let Error::Spawn {
@@ -596,9 +667,9 @@ async fn a_missing_program_is_reported_and_retried() {
         status.last_exit.as_deref(),
         Some("cannot start: program `./no-such-program` not found")
     );
-    assert!(fleet.lines("ghost-1").iter().any(|l| l.starts_with(
-        "cannot start: program `./no-such-program` not found; restarting in "
-    )));
+    assert!(fleet.lines("ghost-1").iter().any(|l| {
+        l.starts_with("cannot start: program `./no-such-program` not found; restarting in ")
+    }));
 
     fleet.supervisor.shutdown().await;
     assert_eq!(fleet.status("ghost-1").state, InstanceState::Stopped);

@@ -200,6 +200,9 @@ class CatalogHandler(BaseHTTPRequestHandler):
         status = code.value if isinstance(code, HTTPStatus) else code
         elapsed_ms = int((time.monotonic() - getattr(self, "started", time.monotonic())) * 1000)
         command = getattr(self, "command", None) or "-"
+        # Probes arrive every few seconds per instance; logging them would bury the real traffic.
+        if self.path_only() == "/healthz" and status == 200:
+            return
         print(f"{command} {self.path_only()} {status} {elapsed_ms}ms", flush=True)
 
     def log_message(self, format, *args):

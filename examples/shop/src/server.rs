@@ -86,6 +86,10 @@ async fn log_request(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
     let started = Instant::now();
     let response = next.run(req).await;
+    // Probes arrive every few seconds per instance; logging them would bury the real traffic.
+    if path == "/healthz" && response.status().is_success() {
+        return response;
+    }
     log(format_args!(
         "{method} {path} {} {}ms",
         response.status().as_u16(),
