@@ -66,7 +66,10 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn openapi() -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         openapi::DOCUMENT,
     )
         .into_response()
@@ -164,7 +167,10 @@ async fn logs(
         Ok::<_, std::io::Error>(line)
     });
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        )],
         axum::body::Body::from_stream(lines),
     )
         .into_response()
@@ -194,7 +200,10 @@ async fn not_found(uri: axum::http::Uri) -> Response {
     problem(
         StatusCode::NOT_FOUND,
         "not found",
-        &format!("no control API resource at `{}`; see /v1/openapi.json", uri.path()),
+        &format!(
+            "no control API resource at `{}`; see /v1/openapi.json",
+            uri.path()
+        ),
     )
 }
 
@@ -216,7 +225,10 @@ pub fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
     });
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        )],
         body.to_string(),
     )
         .into_response()
@@ -288,7 +300,13 @@ mod tests {
 
     async fn call(fleet: Arc<FakeFleet>, method: &str, uri: &str) -> (StatusCode, String, String) {
         let response = router(fleet)
-            .oneshot(Request::builder().method(method).uri(uri).body(Body::empty()).expect("request"))
+            .oneshot(
+                Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .body(Body::empty())
+                    .expect("request"),
+            )
             .await
             .expect("infallible");
         let status = response.status();
@@ -298,8 +316,17 @@ mod tests {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        let body = response.into_body().collect().await.expect("body").to_bytes();
-        (status, content_type, String::from_utf8_lossy(&body).into_owned())
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (
+            status,
+            content_type,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
     }
 
     #[tokio::test]
@@ -313,7 +340,11 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_things_are_404_problems() {
-        for uri in ["/v1/services/nosuch", "/v1/nothing", "/v1/logs?service=nosuch"] {
+        for uri in [
+            "/v1/services/nosuch",
+            "/v1/nothing",
+            "/v1/logs?service=nosuch",
+        ] {
             let (status, content_type, body) = call(fleet(), "GET", uri).await;
             assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
             assert_eq!(content_type, "application/problem+json", "{uri}");
@@ -323,7 +354,11 @@ mod tests {
 
     #[tokio::test]
     async fn bad_queries_are_400_problems() {
-        for uri in ["/v1/logs?since=yesterday", "/v1/logs?limit=-1", "/v1/logs?colour=red"] {
+        for uri in [
+            "/v1/logs?since=yesterday",
+            "/v1/logs?limit=-1",
+            "/v1/logs?colour=red",
+        ] {
             let (status, content_type, _) = call(fleet(), "GET", uri).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
             assert_eq!(content_type, "application/problem+json", "{uri}");
@@ -332,7 +367,8 @@ mod tests {
 
     #[tokio::test]
     async fn logs_filter_by_service_and_limit() {
-        let (status, _, body) = call(fleet(), "GET", "/v1/logs?service=orders&limit=1&since=5m").await;
+        let (status, _, body) =
+            call(fleet(), "GET", "/v1/logs?service=orders&limit=1&since=5m").await;
         assert_eq!(status, StatusCode::OK);
         let records: Vec<LogRecord> = serde_json::from_str(&body).expect("JSON array");
         assert_eq!(records.len(), 1);
@@ -356,7 +392,14 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         let doc: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
         assert_eq!(doc["openapi"], "3.1.0");
-        for path in ["/healthz", "/v1/app", "/v1/services", "/v1/services/{name}", "/v1/logs", "/v1/shutdown"] {
+        for path in [
+            "/healthz",
+            "/v1/app",
+            "/v1/services",
+            "/v1/services/{name}",
+            "/v1/logs",
+            "/v1/shutdown",
+        ] {
             assert!(doc["paths"].get(path).is_some(), "{path} undocumented");
         }
     }

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "flotilla", version, about = "Run a fleet of microservices from one binary")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Run a fleet of microservices from one binary"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -50,7 +50,10 @@ fn is_zombie(pid: i32) -> bool {
         .and_then(|stat| {
             // The state follows the command name, which is in parentheses and may hold spaces.
             let after_name = stat.rsplit_once(')')?.1;
-            after_name.split_whitespace().next().map(|state| state == "Z")
+            after_name
+                .split_whitespace()
+                .next()
+                .map(|state| state == "Z")
         })
         .unwrap_or(false)
 }
@@ -124,7 +127,12 @@ impl Control {
         let body = response.text().await.unwrap_or_default();
         let detail = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
-            .and_then(|problem| problem.get("detail").and_then(|d| d.as_str()).map(str::to_owned))
+            .and_then(|problem| {
+                problem
+                    .get("detail")
+                    .and_then(|d| d.as_str())
+                    .map(str::to_owned)
+            })
             .unwrap_or(body);
         Err(anyhow!("{status}: {detail}"))
     }

@@ -70,7 +70,9 @@ fn encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for byte in value.bytes() {
         match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
             _ => out.push_str(&format!("%{byte:02X}")),
         }
     }
@@ -81,7 +83,10 @@ fn encode(value: &str) -> String {
 mod tests {
     #[test]
     fn query_values_are_encoded() {
-        assert_eq!(super::encode("2026-01-01T00:00:00+01:00"), "2026-01-01T00%3A00%3A00%2B01%3A00");
+        assert_eq!(
+            super::encode("2026-01-01T00:00:00+01:00"),
+            "2026-01-01T00%3A00%3A00%2B01%3A00"
+        );
         assert_eq!(super::encode("5m"), "5m");
     }
 }

@@ -7,12 +7,14 @@ use flotilla_telemetry::{LogRecord, Stream};
 
 pub fn stdout_is_terminal() -> bool {
     static TERMINAL: OnceLock<bool> = OnceLock::new();
-    *TERMINAL.get_or_init(|| std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+    *TERMINAL
+        .get_or_init(|| std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
 }
 
 pub fn stderr_is_terminal() -> bool {
     static TERMINAL: OnceLock<bool> = OnceLock::new();
-    *TERMINAL.get_or_init(|| std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+    *TERMINAL
+        .get_or_init(|| std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
 }
 
 const RESET: &str = "\x1b[0m";
@@ -20,10 +22,14 @@ const BOLD_RED: &str = "\x1b[1;31m";
 const DIM: &str = "\x1b[2m";
 /// Distinct, readable colours for service prefixes, assigned by a hash of the name so a service
 /// keeps its colour from run to run.
-const PALETTE: [&str; 6] = ["\x1b[36m", "\x1b[32m", "\x1b[33m", "\x1b[35m", "\x1b[34m", "\x1b[96m"];
+const PALETTE: [&str; 6] = [
+    "\x1b[36m", "\x1b[32m", "\x1b[33m", "\x1b[35m", "\x1b[34m", "\x1b[96m",
+];
 
 fn colour_of(name: &str) -> &'static str {
-    let hash = name.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+    let hash = name
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
     PALETTE[hash % PALETTE.len()]
 }
 
@@ -111,7 +117,10 @@ mod tests {
     fn tables_align_columns() {
         let rendered = table(
             &["NAME", "STATE"],
-            &[vec!["catalog".into(), "running".into()], vec!["a".into(), "x".into()]],
+            &[
+                vec!["catalog".into(), "running".into()],
+                vec!["a".into(), "x".into()],
+            ],
         );
         assert_eq!(rendered, "NAME     STATE\ncatalog  running\na        x\n");
     }

@@ -18,7 +18,10 @@ pub async fn run(args: StatusArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let app: AppInfo = control.get("/v1/app").await?;
-    println!("app {}  gateway {}  control {}", app.app, app.gateway, app.control);
+    println!(
+        "app {}  gateway {}  control {}",
+        app.app, app.gateway, app.control
+    );
     print!("{}", instance_table(&services));
     Ok(ExitCode::SUCCESS)
 }
@@ -42,7 +45,10 @@ pub fn instance_table(services: &[ServiceView]) -> String {
         })
         .collect();
     output::table(
-        &["SERVICE", "INSTANCE", "STATE", "HEALTH", "PID", "PORT", "RESTARTS", "VERSION", "UPTIME"],
+        &[
+            "SERVICE", "INSTANCE", "STATE", "HEALTH", "PID", "PORT", "RESTARTS", "VERSION",
+            "UPTIME",
+        ],
         &rows,
     )
 }

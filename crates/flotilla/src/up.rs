@@ -66,8 +66,20 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
 
     let gateway_addr = args.gateway_listen.unwrap_or(manifest.gateway.listen);
     let control_addr = args.control_listen.unwrap_or(manifest.control.listen);
-    let gateway_listener = bind("gateway", gateway_addr, "[gateway] listen", "--gateway-listen").await?;
-    let control_listener = bind("control API", control_addr, "[control] listen", "--control-listen").await?;
+    let gateway_listener = bind(
+        "gateway",
+        gateway_addr,
+        "[gateway] listen",
+        "--gateway-listen",
+    )
+    .await?;
+    let control_listener = bind(
+        "control API",
+        control_addr,
+        "[control] listen",
+        "--control-listen",
+    )
+    .await?;
     let gateway_url = format!("http://{}", gateway_listener.local_addr()?);
     let control_url = format!("http://{}", control_listener.local_addr()?);
 
@@ -110,7 +122,9 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         let discovery = discovery.clone();
         let stop = edge_stop.clone();
         async move {
-            if let Err(e) = flotilla_gateway::serve(gateway_listener, &routes, discovery, stop).await {
+            if let Err(e) =
+                flotilla_gateway::serve(gateway_listener, &routes, discovery, stop).await
+            {
                 tracing::error!("gateway stopped: {e}");
             }
         }
@@ -126,16 +140,23 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     });
     tasks.spawn(stop_on_signals(fleet.stop.clone(), args.detached_child));
     if !args.detached_child {
-        tasks.spawn(print_logs(logs.clone(), inner_stop.clone(), label_width(&manifest)));
+        tasks.spawn(print_logs(
+            logs.clone(),
+            inner_stop.clone(),
+            label_width(&manifest),
+        ));
     }
 
     let fleet_file = client::fleet_file_path(&manifest.dir);
-    write_fleet_file(&fleet_file, &FleetFile {
-        app: manifest.app.clone(),
-        pid: std::process::id(),
-        control: control_url.clone(),
-        gateway: gateway_url.clone(),
-    })?;
+    write_fleet_file(
+        &fleet_file,
+        &FleetFile {
+            app: manifest.app.clone(),
+            pid: std::process::id(),
+            control: control_url.clone(),
+            gateway: gateway_url.clone(),
+        },
+    )?;
 
     let outcome = bring_up(&args, &fleet, &supervisor).await;
     let code = match outcome {
@@ -167,7 +188,10 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     supervisor.shutdown().await;
     inner_stop.cancel();
     tasks.close();
-    if tokio::time::timeout(Duration::from_secs(15), tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(15), tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some servers did not finish draining within 15s");
     }
     let _ = std::fs::remove_file(&fleet_file);
@@ -176,7 +200,11 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
 }
 
 /// Builds and starts everything. `Ok(false)` when asked to stop meanwhile; `Err` names what failed.
-async fn bring_up(args: &UpArgs, fleet: &RunningFleet, supervisor: &Supervisor) -> Result<bool, String> {
+async fn bring_up(
+    args: &UpArgs,
+    fleet: &RunningFleet,
+    supervisor: &Supervisor,
+) -> Result<bool, String> {
     if !args.no_build {
         let progress = Progress::new();
         tokio::select! {
@@ -213,7 +241,8 @@ fn prepare_state_dir(state_dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
     let ignore = state_dir.join(".gitignore");
     if !ignore.exists() {
-        std::fs::write(&ignore, "*\n").with_context(|| format!("cannot write {}", ignore.display()))?;
+        std::fs::write(&ignore, "*\n")
+            .with_context(|| format!("cannot write {}", ignore.display()))?;
     }
     Ok(())
 }
@@ -269,20 +298,25 @@ async fn start_sidecars(
                 let discovery = discovery.clone();
                 let stop = stop.clone();
                 async move {
-                    if let Err(e) = flotilla_sidecar::serve(listener, caller.clone(), discovery, stop).await {
+                    if let Err(e) =
+                        flotilla_sidecar::serve(listener, caller.clone(), discovery, stop).await
+                    {
                         tracing::error!(instance = %caller, "sidecar stopped: {e}");
                     }
                 }
             });
             // Both spellings: curl and Python read the lower-case ones, many others the upper-case.
             let loopback = "localhost,127.0.0.1,::1".to_owned();
-            env.insert(instance, vec![
-                ("HTTP_PROXY".to_owned(), url.clone()),
-                ("http_proxy".to_owned(), url.clone()),
-                ("NO_PROXY".to_owned(), loopback.clone()),
-                ("no_proxy".to_owned(), loopback),
-                ("FLOTILLA_SIDECAR".to_owned(), url),
-            ]);
+            env.insert(
+                instance,
+                vec![
+                    ("HTTP_PROXY".to_owned(), url.clone()),
+                    ("http_proxy".to_owned(), url.clone()),
+                    ("NO_PROXY".to_owned(), loopback.clone()),
+                    ("no_proxy".to_owned(), loopback),
+                    ("FLOTILLA_SIDECAR".to_owned(), url),
+                ],
+            );
         }
     }
     Ok(Sidecars { env })
@@ -335,7 +369,9 @@ async fn print_logs(logs: Arc<LogStore>, stop: CancellationToken, width: usize) 
                 let _ = writeln!(out, "{}", output::log_line(&record, width, false));
             }
             Err(RecvError::Lagged(missed)) => {
-                output::note(&format!("({missed} log lines skipped; see `flotilla logs`)"));
+                output::note(&format!(
+                    "({missed} log lines skipped; see `flotilla logs`)"
+                ));
             }
             Err(RecvError::Closed) => return,
         }
@@ -372,16 +408,26 @@ impl BuildProgress for Progress {
         }
         let bar = self.bars.add(ProgressBar::new_spinner());
         bar.set_style(
-            ProgressStyle::with_template("{spinner:.cyan} building {prefix:.bold} [{elapsed}] {wide_msg:.dim}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ProgressStyle::with_template(
+                "{spinner:.cyan} building {prefix:.bold} [{elapsed}] {wide_msg:.dim}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         bar.set_prefix(key.clone());
         bar.enable_steady_tick(Duration::from_millis(100));
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(key, bar);
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, bar);
     }
 
     fn output_line(&self, services: &[Arc<str>], line: &str) {
-        if let Some(bar) = self.running.lock().unwrap_or_else(|e| e.into_inner()).get(&Self::key(services)) {
+        if let Some(bar) = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&Self::key(services))
+        {
             bar.set_message(line.trim().chars().take(120).collect::<String>());
         }
     }
@@ -390,9 +436,17 @@ impl BuildProgress for Progress {
         let key = Self::key(services);
         let verdict = if ok { "built" } else { "failed to build" };
         let message = format!("{verdict} {key} in {:.1}s", elapsed.as_secs_f64());
-        match self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&key) {
+        match self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key)
+        {
             Some(bar) => {
-                bar.set_style(ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+                bar.set_style(
+                    ProgressStyle::with_template("{msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
                 bar.finish_with_message(format!("{} {message}", if ok { "✓" } else { "✗" }));
             }
             None => output::note(&message),
@@ -405,7 +459,8 @@ async fn detach(args: &UpArgs, manifest: &Manifest) -> Result<ExitCode> {
     let state_dir = client::state_dir(&manifest.dir);
     prepare_state_dir(&state_dir)?;
     let log_path = state_dir.join("flotilla.log");
-    let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
     let _ = std::fs::remove_file(client::fleet_file_path(&manifest.dir));
 
     let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
@@ -426,7 +481,9 @@ async fn detach(args: &UpArgs, manifest: &Manifest) -> Result<ExitCode> {
         .stderr(log)
         // Its own process group: the terminal's Ctrl-C must not reach the background fleet.
         .process_group(0);
-    let mut child = command.spawn().context("cannot start the background fleet")?;
+    let mut child = command
+        .spawn()
+        .context("cannot start the background fleet")?;
     let child_pid = child.id().unwrap_or_default();
 
     let mut shown = 0u64;
@@ -441,7 +498,8 @@ async fn detach(args: &UpArgs, manifest: &Manifest) -> Result<ExitCode> {
             ));
             return Ok(ExitCode::FAILURE);
         }
-        let Some(fleet) = client::running_fleet(&manifest.dir).filter(|f| f.pid == child_pid) else {
+        let Some(fleet) = client::running_fleet(&manifest.dir).filter(|f| f.pid == child_pid)
+        else {
             continue;
         };
         let control = Control::new(&fleet.control)?;
@@ -452,7 +510,11 @@ async fn detach(args: &UpArgs, manifest: &Manifest) -> Result<ExitCode> {
             Phase::Ready => {
                 let services: Vec<ServiceView> = control.get("/v1/services").await?;
                 echo_new_output(&log_path, shown);
-                print_ready(&app, &services, app.started_at.elapsed().unwrap_or_default());
+                print_ready(
+                    &app,
+                    &services,
+                    app.started_at.elapsed().unwrap_or_default(),
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             Phase::Failed(_) | Phase::Stopping => {
@@ -487,7 +549,10 @@ pub async fn down(args: DownArgs) -> Result<ExitCode> {
         (Some(url), fleet) => (Control::new(url)?, fleet.map(|f| f.pid)),
         (None, Some(fleet)) => (Control::new(&fleet.control)?, Some(fleet.pid)),
         (None, None) => {
-            output::note(&format!("no fleet is running for {}; nothing to stop", args.dir.display()));
+            output::note(&format!(
+                "no fleet is running for {}; nothing to stop",
+                args.dir.display()
+            ));
             return Ok(ExitCode::SUCCESS);
         }
     };

@@ -39,19 +39,38 @@ fn up_routes_reports_and_stops_cleanly() {
     fleet.wait_phase("ready", Duration::from_secs(60));
 
     // Longest prefix wins, the prefix is rewritten, and proxy headers are added.
-    let echoed: Value = get(&format!("{}/front/items?x=1", fleet.gateway)).json().expect("json");
+    let echoed: Value = get(&format!("{}/front/items?x=1", fleet.gateway))
+        .json()
+        .expect("json");
     assert_eq!(echoed["service"], "front");
     assert_eq!(echoed["path"], "/items?x=1");
-    let request_id = echoed["headers"]["x-request-id"].as_str().expect("request id set");
+    let request_id = echoed["headers"]["x-request-id"]
+        .as_str()
+        .expect("request id set");
     assert!(!request_id.is_empty());
-    assert!(echoed["headers"]["x-forwarded-for"].as_str().is_some_and(|v| v.contains("127.0.0.1")));
-    assert!(echoed["proxy"].as_str().is_some_and(|p| p.starts_with("http://127.0.0.1:")), "sidecar handed over");
-    assert!(echoed["data_dir"].as_str().is_some_and(|d| d.ends_with(".flotilla/data/front")));
+    assert!(
+        echoed["headers"]["x-forwarded-for"]
+            .as_str()
+            .is_some_and(|v| v.contains("127.0.0.1"))
+    );
+    assert!(
+        echoed["proxy"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("http://127.0.0.1:")),
+        "sidecar handed over"
+    );
+    assert!(
+        echoed["data_dir"]
+            .as_str()
+            .is_some_and(|d| d.ends_with(".flotilla/data/front"))
+    );
 
     // Round-robin across both healthy replicas.
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..6 {
-        let echoed: Value = get(&format!("{}/back/x", fleet.gateway)).json().expect("json");
+        let echoed: Value = get(&format!("{}/back/x", fleet.gateway))
+            .json()
+            .expect("json");
         assert_eq!(echoed["path"], "/back/x", "no rewrite configured");
         seen.insert(echoed["instance"].as_str().expect("instance").to_owned());
     }
@@ -67,7 +86,10 @@ fn up_routes_reports_and_stops_cleanly() {
         .send()
         .expect("request");
     assert_eq!(response.status(), 404);
-    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
     assert_eq!(response.headers()["x-request-id"], "test-123");
 
     // status --json: one object per instance with the promised fields.
@@ -76,8 +98,13 @@ fn up_routes_reports_and_stops_cleanly() {
     let instances: Vec<Value> = serde_json::from_slice(&status.stdout).expect("status JSON");
     assert_eq!(instances.len(), 3);
     for instance in &instances {
-        for field in ["service", "instance", "pid", "port", "state", "health", "restarts", "version"] {
-            assert!(instance.get(field).is_some(), "{field} missing in {instance}");
+        for field in [
+            "service", "instance", "pid", "port", "state", "health", "restarts", "version",
+        ] {
+            assert!(
+                instance.get(field).is_some(),
+                "{field} missing in {instance}"
+            );
         }
         assert_eq!(instance["state"], "running");
         assert_eq!(instance["health"], "healthy");
@@ -85,27 +112,50 @@ fn up_routes_reports_and_stops_cleanly() {
     assert_eq!(instances[0]["service"], "back", "dependencies first");
     assert_eq!(instances[0]["version"], "2.1.0");
     let table = run(&["status", "--dir", app.path_str()]);
-    assert!(text(&table.stdout).contains("back-2"), "{}", text(&table.stdout));
+    assert!(
+        text(&table.stdout).contains("back-2"),
+        "{}",
+        text(&table.stdout)
+    );
 
     // Logs were captured per service.
     let logs = run(&["logs", "front", "--dir", app.path_str(), "--json"]);
     assert!(logs.status.success(), "{}", text(&logs.stderr));
-    let lines: Vec<Value> = text(&logs.stdout).lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    let lines: Vec<Value> = text(&logs.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
     assert!(lines.iter().all(|l| l["service"] == "front"));
-    assert!(lines.iter().any(|l| l["line"].as_str().is_some_and(|t| t.contains("GET /items?x=1 200"))), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l["line"]
+            .as_str()
+            .is_some_and(|t| t.contains("GET /items?x=1 200"))),
+        "{lines:?}"
+    );
     let unknown = run(&["logs", "nosuch", "--dir", app.path_str()]);
     assert!(!unknown.status.success());
 
     // `down` stops the fleet and every service process with it.
-    let pids: Vec<u32> = instances.iter().map(|i| i["pid"].as_u64().expect("pid") as u32).collect();
+    let pids: Vec<u32> = instances
+        .iter()
+        .map(|i| i["pid"].as_u64().expect("pid") as u32)
+        .collect();
     let down = run(&["down", app.path_str()]);
     assert!(down.status.success(), "{}", text(&down.stderr));
-    assert_eq!(fleet.wait_exit(Duration::from_secs(30)), Some(0), "{}", fleet.output());
+    assert_eq!(
+        fleet.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        fleet.output()
+    );
     for pid in pids {
         assert!(!alive(pid), "service process {pid} survived `down`");
     }
     assert!(!app.path().join(".flotilla/fleet.json").exists());
-    assert!(std::fs::read_to_string(app.path().join(".flotilla/.gitignore")).is_ok_and(|s| s.trim() == "*"));
+    assert!(
+        std::fs::read_to_string(app.path().join(".flotilla/.gitignore"))
+            .is_ok_and(|s| s.trim() == "*")
+    );
 }
 
 #[test]
@@ -113,13 +163,19 @@ fn killing_flotilla_leaves_no_orphans() {
     let app = App::new(TWO_SERVICES);
     let mut fleet = Fleet::start(app.path(), &[]);
     fleet.wait_phase("ready", Duration::from_secs(60));
-    let pids: Vec<u32> = fleet.instances().iter().map(|i| i["pid"].as_u64().expect("pid") as u32).collect();
+    let pids: Vec<u32> = fleet
+        .instances()
+        .iter()
+        .map(|i| i["pid"].as_u64().expect("pid") as u32)
+        .collect();
     assert_eq!(pids.len(), 3);
     fleet.signal(libc::SIGKILL);
     fleet.wait_exit(Duration::from_secs(5));
-    wait_until("every service process to die with flotilla", Duration::from_secs(10), || {
-        pids.iter().all(|&pid| !alive(pid))
-    });
+    wait_until(
+        "every service process to die with flotilla",
+        Duration::from_secs(10),
+        || pids.iter().all(|&pid| !alive(pid)),
+    );
 }
 
 #[test]
@@ -127,18 +183,28 @@ fn a_killed_instance_is_restarted() {
     let app = App::new(TWO_SERVICES);
     let fleet = Fleet::start(app.path(), &[]);
     fleet.wait_phase("ready", Duration::from_secs(60));
-    let victim = fleet.instances().into_iter().find(|i| i["instance"] == "front-1").expect("front-1");
+    let victim = fleet
+        .instances()
+        .into_iter()
+        .find(|i| i["instance"] == "front-1")
+        .expect("front-1");
     let old_pid = victim["pid"].as_u64().expect("pid") as u32;
     send_signal(old_pid, libc::SIGKILL);
-    wait_until("front-1 to come back healthy with a new pid", Duration::from_secs(30), || {
-        fleet.instances().iter().any(|i| {
-            i["instance"] == "front-1"
-                && i["health"] == "healthy"
-                && i["restarts"] == 1
-                && i["pid"].as_u64().is_some_and(|p| p as u32 != old_pid)
-        })
-    });
-    let echoed: Value = get(&format!("{}/front/", fleet.gateway)).json().expect("json");
+    wait_until(
+        "front-1 to come back healthy with a new pid",
+        Duration::from_secs(30),
+        || {
+            fleet.instances().iter().any(|i| {
+                i["instance"] == "front-1"
+                    && i["health"] == "healthy"
+                    && i["restarts"] == 1
+                    && i["pid"].as_u64().is_some_and(|p| p as u32 != old_pid)
+            })
+        },
+    );
+    let echoed: Value = get(&format!("{}/front/", fleet.gateway))
+        .json()
+        .expect("json");
     assert_eq!(echoed["instance"], "front-1");
 }
 
@@ -147,15 +213,26 @@ fn ctrl_c_stops_everything_gracefully() {
     let app = App::new(TWO_SERVICES);
     let mut fleet = Fleet::start(app.path(), &[]);
     fleet.wait_phase("ready", Duration::from_secs(60));
-    let pids: Vec<u32> = fleet.instances().iter().map(|i| i["pid"].as_u64().expect("pid") as u32).collect();
+    let pids: Vec<u32> = fleet
+        .instances()
+        .iter()
+        .map(|i| i["pid"].as_u64().expect("pid") as u32)
+        .collect();
     fleet.signal(libc::SIGINT);
-    assert_eq!(fleet.wait_exit(Duration::from_secs(30)), Some(0), "{}", fleet.output());
+    assert_eq!(
+        fleet.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        fleet.output()
+    );
     for pid in pids {
         assert!(!alive(pid), "service process {pid} survived Ctrl-C");
     }
     let output = fleet.output();
     assert!(
-        output.lines().any(|l| l.starts_with("back/back-1 ") && l.ends_with("| stopped")),
+        output
+            .lines()
+            .any(|l| l.starts_with("back/back-1 ") && l.ends_with("| stopped")),
         "services saw SIGTERM and stopped on their own:\n{output}"
     );
 }
@@ -183,13 +260,31 @@ restart = { backoff_initial = "50ms", backoff_max = "200ms", crash_loop_threshol
     let fleet = Fleet::start(app.path(), &[]);
     fleet.wait_phase("failed", Duration::from_secs(60));
     assert!(fleet.output().contains("flaky"), "{}", fleet.output());
-    assert_eq!(get(&format!("{}/ok", fleet.gateway)).status(), 200, "steady keeps serving");
-    wait_until("flaky to be marked crash-looping", Duration::from_secs(10), || {
-        fleet.instances().iter().any(|i| i["instance"] == "flaky-1" && i["state"] == "crash-loop")
-    });
-    let flaky = fleet.instances().into_iter().find(|i| i["instance"] == "flaky-1").expect("flaky-1");
+    assert_eq!(
+        get(&format!("{}/ok", fleet.gateway)).status(),
+        200,
+        "steady keeps serving"
+    );
+    wait_until(
+        "flaky to be marked crash-looping",
+        Duration::from_secs(10),
+        || {
+            fleet
+                .instances()
+                .iter()
+                .any(|i| i["instance"] == "flaky-1" && i["state"] == "crash-loop")
+        },
+    );
+    let flaky = fleet
+        .instances()
+        .into_iter()
+        .find(|i| i["instance"] == "flaky-1")
+        .expect("flaky-1");
     assert!(flaky["restarts"].as_u64().expect("restarts") >= 3);
-    assert!(flaky["last_exit"].as_str().is_some_and(|e| e.contains('3')), "{flaky}");
+    assert!(
+        flaky["last_exit"].as_str().is_some_and(|e| e.contains('3')),
+        "{flaky}"
+    );
 }
 
 #[test]
@@ -205,23 +300,44 @@ health = { interval = "100ms", startup_timeout = "2s" }
 "#,
     );
     let output = flotilla()
-        .args(["up", app.path_str(), "-d", "--gateway-listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .args([
+            "up",
+            app.path_str(),
+            "-d",
+            "--gateway-listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .expect("run up -d");
     let stderr = text(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("sick-1"), "names the instance: {stderr}");
-    assert!(stderr.contains("starting in mode 'unhealthy'"), "shows its last log lines: {stderr}");
-    wait_until("the failed fleet to clean up", Duration::from_secs(20), || {
-        !app.path().join(".flotilla/fleet.json").exists()
-    });
+    assert!(
+        stderr.contains("starting in mode 'unhealthy'"),
+        "shows its last log lines: {stderr}"
+    );
+    wait_until(
+        "the failed fleet to clean up",
+        Duration::from_secs(20),
+        || !app.path().join(".flotilla/fleet.json").exists(),
+    );
 }
 
 #[test]
 fn detached_up_returns_when_ready_and_down_stops_it() {
     let app = App::new(TWO_SERVICES);
     let output = flotilla()
-        .args(["up", app.path_str(), "-d", "--gateway-listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .args([
+            "up",
+            app.path_str(),
+            "-d",
+            "--gateway-listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .expect("run up -d");
     let stdout = text(&output.stdout);
@@ -233,7 +349,11 @@ fn detached_up_returns_when_ready_and_down_stops_it() {
     assert!(instances.iter().all(|i| i["health"] == "healthy"));
     let again = run(&["up", app.path_str(), "-d"]);
     assert!(!again.status.success());
-    assert!(text(&again.stderr).contains("already running"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("already running"),
+        "{}",
+        text(&again.stderr)
+    );
     let down = run(&["down", app.path_str()]);
     assert!(down.status.success(), "{}", text(&down.stderr));
     for instance in instances {
@@ -246,10 +366,20 @@ fn a_taken_port_is_reported_by_name() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let app = App::new(TWO_SERVICES);
-    let output = run(&["up", app.path_str(), "--gateway-listen", &addr, "--control-listen", "127.0.0.1:0"]);
+    let output = run(&[
+        "up",
+        app.path_str(),
+        "--gateway-listen",
+        &addr,
+        "--control-listen",
+        "127.0.0.1:0",
+    ]);
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
-    assert!(stderr.contains(&format!("gateway cannot listen on {addr}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("gateway cannot listen on {addr}")),
+        "{stderr}"
+    );
     assert!(stderr.contains("already in use"), "{stderr}");
 }
 
@@ -274,11 +404,24 @@ colour = "blue"
     let stderr = text(&output.stderr);
     let manifest = app.path().join("flotilla.toml");
     for location in ["6:11", "10:12", "11:1"] {
-        assert!(stderr.contains(&format!("{}:{location}", manifest.display())), "{location} in:\n{stderr}");
+        assert!(
+            stderr.contains(&format!("{}:{location}", manifest.display())),
+            "{location} in:\n{stderr}"
+        );
     }
-    let up = run(&["up", app.path_str(), "--gateway-listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"]);
+    let up = run(&[
+        "up",
+        app.path_str(),
+        "--gateway-listen",
+        "127.0.0.1:0",
+        "--control-listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(up.status.code(), Some(2));
-    assert!(!app.path().join(".flotilla").exists(), "nothing was started");
+    assert!(
+        !app.path().join(".flotilla").exists(),
+        "nothing was started"
+    );
 
     let good = App::new(TWO_SERVICES);
     let output = run(&["check", good.path_str()]);

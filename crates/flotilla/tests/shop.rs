@@ -22,21 +22,35 @@ fn the_shop_takes_an_order_through_the_gateway() {
 
     let products: Vec<Value> = get(&format!("{api}/products")).json().expect("products");
     assert!(products.len() >= 3);
-    assert!(products.iter().any(|p| p["price"].as_f64().is_some_and(|price| price > 1000.0)));
+    assert!(
+        products
+            .iter()
+            .any(|p| p["price"].as_f64().is_some_and(|price| price > 1000.0))
+    );
     let sku = products[0]["sku"].as_str().expect("sku").to_owned();
-    let product: Value = get(&format!("{api}/products/{sku}")).json().expect("product");
+    let product: Value = get(&format!("{api}/products/{sku}"))
+        .json()
+        .expect("product");
     assert_eq!(product["sku"], sku.as_str());
     let missing = get(&format!("{api}/products/NOPE-000"));
     assert_eq!(missing.status(), 404);
-    assert_eq!(missing.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        missing.headers()["content-type"],
+        "application/problem+json"
+    );
 
-    let created = post_json(&format!("{api}/orders"), &json!({"customer": "ada", "items": [{"sku": sku, "qty": 2}]}));
+    let created = post_json(
+        &format!("{api}/orders"),
+        &json!({"customer": "ada", "items": [{"sku": sku, "qty": 2}]}),
+    );
     assert_eq!(created.status(), 201);
     let order: Value = created.json().expect("order");
     assert_eq!(order["status"], "pending");
     assert_eq!(order["customer"], "ada");
     let id = order["id"].as_str().expect("id").to_owned();
-    let read: Value = get(&format!("{api}/orders/{id}")).json().expect("read back");
+    let read: Value = get(&format!("{api}/orders/{id}"))
+        .json()
+        .expect("read back");
     assert_eq!(read["id"], id.as_str());
     assert_eq!(read["items"][0]["qty"], 2);
 
@@ -44,25 +58,56 @@ fn the_shop_takes_an_order_through_the_gateway() {
     let bad = post_raw(&format!("{api}/orders"), "{not json");
     assert_eq!(bad.status(), 400);
     assert_eq!(bad.headers()["content-type"], "application/problem+json");
-    let unknown_sku = post_json(&format!("{api}/orders"), &json!({"customer": "ada", "items": [{"sku": "NOPE-000", "qty": 1}]}));
+    let unknown_sku = post_json(
+        &format!("{api}/orders"),
+        &json!({"customer": "ada", "items": [{"sku": "NOPE-000", "qty": 1}]}),
+    );
     assert_eq!(unknown_sku.status(), 422);
     assert_eq!(get(&format!("{api}/orders/ord_doesnotexist")).status(), 404);
 
     // Kill an orders instance: it comes back, and the gateway keeps taking orders meanwhile.
-    let victim = fleet.instances().into_iter().find(|i| i["instance"] == "orders-1").expect("orders-1");
+    let victim = fleet
+        .instances()
+        .into_iter()
+        .find(|i| i["instance"] == "orders-1")
+        .expect("orders-1");
     let old_pid = victim["pid"].as_u64().expect("pid") as u32;
     send_signal(old_pid, libc::SIGKILL);
-    let during = post_json(&format!("{api}/orders"), &json!({"customer": "bob", "items": [{"sku": sku, "qty": 1}]}));
-    assert_eq!(during.status(), 201, "orders-2 serves while orders-1 restarts");
-    wait_until("orders-1 to restart healthy", Duration::from_secs(30), || {
-        fleet.instances().iter().any(|i| {
-            i["instance"] == "orders-1"
-                && i["health"] == "healthy"
-                && i["restarts"].as_u64() >= Some(1)
-                && i["pid"].as_u64().is_some_and(|p| p as u32 != old_pid)
-        })
-    });
+    // Once the supervisor has seen the death, the registry routes around the dead instance. (A
+    // request racing the death itself gets a 502 until retries on connection failure arrive.)
+    wait_until(
+        "the supervisor to notice orders-1 died",
+        Duration::from_secs(10),
+        || {
+            fleet.instances().iter().any(|i| {
+                i["instance"] == "orders-1" && i["pid"].as_u64() != Some(u64::from(old_pid))
+            })
+        },
+    );
+    let during = post_json(
+        &format!("{api}/orders"),
+        &json!({"customer": "bob", "items": [{"sku": sku, "qty": 1}]}),
+    );
+    assert_eq!(
+        during.status(),
+        201,
+        "orders-2 serves while orders-1 restarts"
+    );
+    wait_until(
+        "orders-1 to restart healthy",
+        Duration::from_secs(30),
+        || {
+            fleet.instances().iter().any(|i| {
+                i["instance"] == "orders-1"
+                    && i["health"] == "healthy"
+                    && i["restarts"].as_u64() >= Some(1)
+                    && i["pid"].as_u64().is_some_and(|p| p as u32 != old_pid)
+            })
+        },
+    );
     // The order taken before the crash is still there: each service keeps its own storage.
-    let read: Value = get(&format!("{api}/orders/{id}")).json().expect("read back after restart");
+    let read: Value = get(&format!("{api}/orders/{id}"))
+        .json()
+        .expect("read back after restart");
     assert_eq!(read["id"], id.as_str());
 }

@@ -53,7 +53,10 @@ impl HealthChecker {
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
         match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Err(_) => Err(format!("no answer within {}", humantime::format_duration(timeout))),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            )),
             Ok(Err(e)) => Err(connect_reason(&e)),
             Ok(Ok(response)) if response.status().is_success() => Ok(()),
             Ok(Ok(response)) => Err(format!("{path} answered {}", response.status())),
@@ -108,7 +111,10 @@ impl HealthChecker {
                     (next, Some(reason))
                 }
             };
-            match self.registry.set_health(service, instance, next, error.clone()) {
+            match self
+                .registry
+                .set_health(service, instance, next, error.clone())
+            {
                 None => return, // deregistered: nobody wants this verdict any more
                 Some(previous) if previous != next => match next {
                     Health::Healthy => tracing::info!(%service, %instance, "instance is healthy"),

@@ -232,7 +232,11 @@ impl Registry {
 
     /// The declared service names, in declaration order.
     pub fn services(&self) -> Vec<Arc<str>> {
-        self.read().services.iter().map(|(n, _)| n.clone()).collect()
+        self.read()
+            .services
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// A receiver that changes whenever anything in the table changes.
@@ -273,9 +277,7 @@ mod rfc3339_opt {
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         match value {
-            Some(t) => {
-                serializer.collect_str(&humantime::format_rfc3339_millis(*t))
-            }
+            Some(t) => serializer.collect_str(&humantime::format_rfc3339_millis(*t)),
             None => serializer.serialize_none(),
         }
     }
@@ -309,13 +311,21 @@ mod tests {
         let registry = Registry::new();
         registry.register("orders", "orders-1", addr(1001), "1.0");
         registry.register("orders", "orders-2", addr(1002), "1.0");
-        assert!(endpoints(&registry, "orders").is_empty(), "unchecked instances get nothing");
+        assert!(
+            endpoints(&registry, "orders").is_empty(),
+            "unchecked instances get nothing"
+        );
 
         registry.set_health("orders", "orders-1", Health::Healthy, None);
         registry.set_health("orders", "orders-2", Health::Healthy, None);
         assert_eq!(endpoints(&registry, "orders"), vec![addr(1001), addr(1002)]);
 
-        registry.set_health("orders", "orders-1", Health::Unhealthy, Some("timeout".into()));
+        registry.set_health(
+            "orders",
+            "orders-1",
+            Health::Unhealthy,
+            Some("timeout".into()),
+        );
         assert_eq!(endpoints(&registry, "orders"), vec![addr(1002)]);
 
         registry.deregister("orders", "orders-2");
@@ -342,6 +352,9 @@ mod tests {
         assert!(rx.has_changed().expect("sender alive"));
         rx.mark_unchanged();
         registry.set_health("orders", "orders-1", Health::Unknown, None);
-        assert!(!rx.has_changed().expect("sender alive"), "no change, no wake-up");
+        assert!(
+            !rx.has_changed().expect("sender alive"),
+            "no change, no wake-up"
+        );
     }
 }

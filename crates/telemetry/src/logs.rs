@@ -42,8 +42,13 @@ pub struct LogQuery {
 
 impl LogQuery {
     pub fn matches(&self, record: &LogRecord) -> bool {
-        self.service.as_deref().is_none_or(|s| *record.service == *s)
-            && self.instance.as_deref().is_none_or(|i| *record.instance == *i)
+        self.service
+            .as_deref()
+            .is_none_or(|s| *record.service == *s)
+            && self
+                .instance
+                .as_deref()
+                .is_none_or(|i| *record.instance == *i)
             && self.since.is_none_or(|since| record.time >= since)
     }
 }
@@ -144,7 +149,11 @@ mod tests {
         for i in 0..5 {
             store.push(record("a", &i.to_string(), now));
         }
-        let lines: Vec<_> = store.query(&LogQuery::default()).iter().map(|r| r.line.clone()).collect();
+        let lines: Vec<_> = store
+            .query(&LogQuery::default())
+            .iter()
+            .map(|r| r.line.clone())
+            .collect();
         assert_eq!(lines, ["2", "3", "4"]);
         assert_eq!(store.evicted(), 2);
     }
@@ -169,9 +178,16 @@ mod tests {
 
     #[test]
     fn records_round_trip_through_json() {
-        let original = record("a", "hello", SystemTime::UNIX_EPOCH + Duration::from_micros(1_500_000));
+        let original = record(
+            "a",
+            "hello",
+            SystemTime::UNIX_EPOCH + Duration::from_micros(1_500_000),
+        );
         let json = serde_json::to_string(&original).expect("serialize");
-        assert!(json.contains("\"time\":\"1970-01-01T00:00:01.500000Z\""), "{json}");
+        assert!(
+            json.contains("\"time\":\"1970-01-01T00:00:01.500000Z\""),
+            "{json}"
+        );
         let back: LogRecord = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back.time, original.time);
         assert_eq!(back.line, "hello");

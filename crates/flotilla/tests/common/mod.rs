@@ -111,7 +111,12 @@ impl Fleet {
         let child = flotilla()
             .arg("up")
             .arg(dir)
-            .args(["--gateway-listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+            .args([
+                "--gateway-listen",
+                "127.0.0.1:0",
+                "--control-listen",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
@@ -139,7 +144,11 @@ impl Fleet {
             if let Ok(Some(status)) = fleet.child.try_wait() {
                 panic!("flotilla up exited early ({status}):\n{}", fleet.output());
             }
-            assert!(Instant::now() < deadline, "flotilla up never wrote its fleet file:\n{}", fleet.output());
+            assert!(
+                Instant::now() < deadline,
+                "flotilla up never wrote its fleet file:\n{}",
+                fleet.output()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -159,7 +168,11 @@ impl Fleet {
     pub fn wait_phase(&self, want: &str, within: Duration) {
         let deadline = Instant::now() + within;
         while self.phase() != want {
-            assert!(Instant::now() < deadline, "phase never became {want}:\n{}", self.output());
+            assert!(
+                Instant::now() < deadline,
+                "phase never became {want}:\n{}",
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -185,7 +198,11 @@ impl Fleet {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "flotilla up did not exit:\n{}", self.output());
+            assert!(
+                Instant::now() < deadline,
+                "flotilla up did not exit:\n{}",
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -225,7 +242,12 @@ pub fn alive(pid: u32) -> bool {
     }
     // A zombie awaiting its reaper no longer runs anything.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z')
+    !stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .trim_start()
+        .starts_with('Z')
 }
 
 pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
@@ -245,7 +267,10 @@ fn client() -> reqwest::blocking::Client {
 }
 
 pub fn get(url: &str) -> reqwest::blocking::Response {
-    client().get(url).send().unwrap_or_else(|e| panic!("GET {url}: {e}"))
+    client()
+        .get(url)
+        .send()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
 pub fn get_json(url: &str) -> Option<Value> {
@@ -253,7 +278,11 @@ pub fn get_json(url: &str) -> Option<Value> {
 }
 
 pub fn post_json(url: &str, body: &Value) -> reqwest::blocking::Response {
-    client().post(url).json(body).send().unwrap_or_else(|e| panic!("POST {url}: {e}"))
+    client()
+        .post(url)
+        .json(body)
+        .send()
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
 
 pub fn post_raw(url: &str, body: &str) -> reqwest::blocking::Response {

@@ -32,13 +32,12 @@ async fn check_contract(name: &'static str) {
         format!("{name} listening on 127.0.0.1:{}", service.port())
     );
     assert!(
-        !stdout.iter().any(|line| line.starts_with("GET /healthz 200")),
+        !stdout
+            .iter()
+            .any(|line| line.starts_with("GET /healthz 200")),
         "passing health probes are not logged: {stdout:#?}"
     );
-    for expected in [
-        "GET /no/such/path 404 ",
-        "DELETE /healthz 405 ",
-    ] {
+    for expected in ["GET /no/such/path 404 ", "DELETE /healthz 405 "] {
         assert!(
             stdout
                 .iter()
