@@ -117,16 +117,17 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         stop: CancellationToken::new(),
     });
 
-    tasks.spawn({
-        let routes = manifest.gateway.routes.clone();
-        let discovery = discovery.clone();
-        let stop = edge_stop.clone();
-        async move {
-            if let Err(e) =
-                flotilla_gateway::serve(gateway_listener, &routes, discovery, stop).await
-            {
-                tracing::error!("gateway stopped: {e}");
-            }
+    let gateway = flotilla_gateway::serve_threaded(
+        gateway_listener.into_std()?,
+        std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN),
+        &manifest.gateway.routes,
+        discovery.clone(),
+        edge_stop.clone(),
+    )
+    .context("cannot start the gateway")?;
+    tasks.spawn(async move {
+        if let Err(e) = gateway.wait().await {
+            tracing::error!("gateway stopped: {e}");
         }
     });
     tasks.spawn({
@@ -162,7 +163,10 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     let code = match outcome {
         Ok(true) => {
             fleet.set_phase(Phase::Ready);
-            print_ready(&fleet.app(), &fleet_services(&fleet), began.elapsed());
+            // A detached fleet's summary is printed by the `up -d` that waits for it.
+            if !args.detached_child {
+                print_ready(&fleet.app(), &fleet_services(&fleet), began.elapsed());
+            }
             fleet.stop.cancelled().await;
             ExitCode::SUCCESS
         }

@@ -105,6 +105,69 @@ pub async fn serve<D: Discovery>(
     .await
 }
 
+/// Serves like [`serve`], on `threads` threads that each run their own single-threaded runtime
+/// and accept from the same listening socket (as nginx's workers do).
+///
+/// A connection then lives on one thread from accept to upstream: the client connection, the
+/// pooled upstream connection and their tasks never hand work to another thread. With tokio's
+/// work-stealing runtime the upstream connection task and the client's often sit on different
+/// threads, and the cross-thread wake-ups cost more than the proxying itself.
+/// The returned handle finishes when every thread has drained.
+pub fn serve_threaded<D: Discovery>(
+    listener: std::net::TcpListener,
+    threads: std::num::NonZeroUsize,
+    routes: &[Route],
+    discovery: Arc<D>,
+    shutdown: CancellationToken,
+) -> std::io::Result<ThreadedGateway> {
+    listener.set_nonblocking(true)?;
+    let mut handles = Vec::with_capacity(threads.get());
+    for n in 0..threads.get() {
+        let listener = listener.try_clone()?;
+        let routes = routes.to_vec();
+        let discovery = discovery.clone();
+        let shutdown = shutdown.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = std::thread::Builder::new()
+            .name(format!("gateway-{n}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    serve(listener, &routes, discovery, shutdown).await
+                })
+            })?;
+        handles.push(handle);
+    }
+    Ok(ThreadedGateway { handles })
+}
+
+/// The threads of [`serve_threaded`].
+pub struct ThreadedGateway {
+    handles: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl ThreadedGateway {
+    /// Waits (without blocking the caller's runtime) until every thread has finished; the first
+    /// error wins.
+    pub async fn wait(self) -> std::io::Result<()> {
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut first_error = Ok(());
+            for handle in self.handles {
+                let result = handle
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a gateway thread panicked")));
+                if first_error.is_ok() {
+                    first_error = result;
+                }
+            }
+            first_error
+        });
+        joined.await.map_err(std::io::Error::other)?
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
