@@ -171,7 +171,12 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
             ExitCode::SUCCESS
         }
         Ok(false) => ExitCode::SUCCESS, // stopped while coming up
-        Err(failure) => {
+        Err(Failure::Build(failure)) => {
+            output::error(&failure);
+            fleet.set_phase(Phase::Failed(failure));
+            ExitCode::FAILURE
+        }
+        Err(Failure::Start(failure)) => {
             output::error(&failure);
             fleet.set_phase(Phase::Failed(failure));
             if args.detached_child {
@@ -186,6 +191,8 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         }
     };
 
+    // Also ends the signal watcher when `up` stops on its own (a failed build).
+    fleet.stop.cancel();
     fleet.set_phase(Phase::Stopping);
     output::note(&format!("stopping {}...", manifest.app));
     edge_stop.cancel();
@@ -204,22 +211,31 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
 }
 
 /// Builds and starts everything. `Ok(false)` when asked to stop meanwhile; `Err` names what failed.
+/// Why the fleet did not come up.
+enum Failure {
+    /// Nothing runs yet: `up` stops.
+    Build(String),
+    /// Some service never became healthy; the others run.
+    Start(String),
+}
+
+/// Builds and starts everything. `Ok(false)` when asked to stop meanwhile.
 async fn bring_up(
     args: &UpArgs,
     fleet: &RunningFleet,
     supervisor: &Supervisor,
-) -> Result<bool, String> {
+) -> Result<bool, Failure> {
     if !args.no_build {
         let progress = Progress::new();
         tokio::select! {
             () = fleet.stop.cancelled() => return Ok(false),
-            built = supervisor.build(&progress) => built.map_err(|e| e.to_string())?,
+            built = supervisor.build(&progress) => built.map_err(|e| Failure::Build(e.to_string()))?,
         }
     }
     fleet.set_phase(Phase::Starting);
     tokio::select! {
         () = fleet.stop.cancelled() => Ok(false),
-        started = supervisor.start() => started.map(|()| true).map_err(|e| e.to_string()),
+        started = supervisor.start() => started.map(|()| true).map_err(|e| Failure::Start(e.to_string())),
     }
 }
 

@@ -428,3 +428,75 @@ colour = "blue"
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(text(&output.stdout).contains("2 services"));
 }
+
+#[test]
+fn a_failed_build_stops_up_with_its_output() {
+    let app = App::new(
+        r#"
+app = "unbuildable"
+
+[services.broken]
+build = "echo compiling; echo 'error: expected one of `;` at src/main.rs:3:7' >&2; exit 4"
+run = "python3 echo.py"
+
+[services.fine]
+run = "python3 echo.py"
+"#,
+    );
+    let output = run(&[
+        "up",
+        app.path_str(),
+        "--gateway-listen",
+        "127.0.0.1:0",
+        "--control-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("broken"), "names the service: {stderr}");
+    assert!(
+        stderr.contains("error: expected one of `;` at src/main.rs:3:7"),
+        "shows the build output: {stderr}"
+    );
+    assert!(
+        !text(&output.stdout).contains("fine-1"),
+        "nothing was started"
+    );
+}
+
+#[test]
+fn logs_follow_streams_new_lines() {
+    use std::io::{BufRead, BufReader};
+    let app = App::new(TWO_SERVICES);
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let mut follower = flotilla()
+        .args(["logs", "front", "-f", "--json", "-C", app.path_str()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn logs -f");
+    let stdout = follower.stdout.take().expect("stdout");
+    let (found_tx, found_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let record: Value = serde_json::from_str(&line).expect("one JSON record per line");
+            assert_eq!(record["service"], "front", "only the asked-for service");
+            if record["line"]
+                .as_str()
+                .is_some_and(|l| l.contains("GET /follow-me"))
+            {
+                let _ = found_tx.send(());
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        get(&format!("{}/front/follow-me", fleet.gateway)).status(),
+        200
+    );
+    let found = found_rx.recv_timeout(Duration::from_secs(10));
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(found.is_ok(), "the new line was streamed to `logs -f`");
+}
