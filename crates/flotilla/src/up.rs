@@ -16,10 +16,11 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use flotilla_control::{AppInfo, Fleet as _, Phase, ServiceView};
 use flotilla_manifest::Manifest;
+use flotilla_proxy::{Policies, Resilience};
 use flotilla_registry::Registry;
 use flotilla_registry::health::HealthChecker;
 use flotilla_supervisor::{BuildProgress, InstanceEnv, Supervisor, SupervisorConfig};
-use flotilla_telemetry::LogStore;
+use flotilla_telemetry::{LogRecord, LogStore, Stream};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -96,7 +97,9 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     let inner_stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let sidecars = start_sidecars(&manifest, &discovery, &tasks, &inner_stop).await?;
+    let resilience = Resilience::new(Policies::from_manifest(&manifest));
+    announce_breakers(&resilience, &manifest, &logs);
+    let sidecars = start_sidecars(&manifest, &discovery, &resilience, &tasks, &inner_stop).await?;
     let supervisor = Supervisor::new(SupervisorConfig {
         manifest: manifest.clone(),
         state_dir: state_dir.clone(),
@@ -121,7 +124,7 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         gateway_listener.into_std()?,
         std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN),
         &manifest.gateway.routes,
-        discovery.clone(),
+        flotilla_gateway::resilience(discovery.clone(), resilience.clone()),
         edge_stop.clone(),
     )
     .context("cannot start the gateway")?;
@@ -299,9 +302,32 @@ impl InstanceEnv for Sidecars {
     }
 }
 
+/// Every breaker state change goes to the log of the caller, so `flotilla logs orders` shows
+/// orders' sidecars giving up on payments (the gateway's under the name `gateway`).
+fn announce_breakers(resilience: &Resilience, manifest: &Manifest, logs: &Arc<LogStore>) {
+    let services: Vec<Arc<str>> = manifest.services.iter().map(|s| s.name.clone()).collect();
+    let logs = logs.clone();
+    resilience.board.on_change(move |event| {
+        let service = event
+            .caller
+            .rsplit_once('-')
+            .and_then(|(service, _)| services.iter().find(|s| &***s == service))
+            .cloned()
+            .unwrap_or_else(|| event.caller.clone());
+        logs.push(LogRecord {
+            time: SystemTime::now(),
+            service,
+            instance: event.caller.clone(),
+            stream: Stream::System,
+            line: event.to_string(),
+        });
+    });
+}
+
 async fn start_sidecars(
     manifest: &Manifest,
     discovery: &Arc<Registry>,
+    resilience: &Resilience,
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<Sidecars> {
@@ -316,10 +342,17 @@ async fn start_sidecars(
             let caller: Arc<str> = Arc::from(instance.as_str());
             tasks.spawn({
                 let discovery = discovery.clone();
+                let resilience = resilience.clone();
                 let stop = stop.clone();
                 async move {
-                    if let Err(e) =
-                        flotilla_sidecar::serve(listener, caller.clone(), discovery, stop).await
+                    if let Err(e) = flotilla_sidecar::serve(
+                        listener,
+                        caller.clone(),
+                        discovery,
+                        resilience,
+                        stop,
+                    )
+                    .await
                     {
                         tracing::error!(instance = %caller, "sidecar stopped: {e}");
                     }

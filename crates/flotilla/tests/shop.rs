@@ -45,7 +45,7 @@ fn the_shop_takes_an_order_through_the_gateway() {
     );
     assert_eq!(created.status(), 201);
     let order: Value = created.json().expect("order");
-    assert_eq!(order["status"], "pending");
+    assert_eq!(order["status"], "confirmed");
     assert_eq!(order["customer"], "ada");
     let id = order["id"].as_str().expect("id").to_owned();
     let read: Value = get(&format!("{api}/orders/{id}"))

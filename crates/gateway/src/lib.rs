@@ -10,7 +10,8 @@
 use std::sync::Arc;
 
 use flotilla_manifest::Route;
-use flotilla_proxy::{Edge, Error, ProxySettings, Target};
+use flotilla_proxy::resilience::ResilienceLayer;
+use flotilla_proxy::{Edge, Error, ProxySettings, Resilience, Target};
 use flotilla_registry::Discovery;
 use http::Request;
 use tokio::net::TcpListener;
@@ -43,6 +44,8 @@ impl Router {
                         .as_ref()
                         .map(|_| Arc::from(route.prefix.as_str())),
                     rewrite: route.rewrite.as_deref().map(Arc::from),
+                    retry_non_idempotent: route.retry_non_idempotent,
+                    fallback: route.fallback.clone().map(Arc::new),
                 };
                 (prefix, target)
             })
@@ -86,16 +89,26 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// The gateway's resilience layer: it calls services as the caller `gateway`.
+pub fn resilience<D: Discovery>(discovery: Arc<D>, resilience: Resilience) -> ResilienceLayer<D> {
+    ResilienceLayer::new(discovery, resilience, Arc::from(CALLER))
+}
+
+/// The caller name of the gateway's breakers.
+pub const CALLER: &str = "gateway";
+
 /// Serves the gateway on `listener` until `shutdown` is cancelled, then stops accepting and gives
 /// in-flight requests [`flotilla_proxy::DEFAULT_DRAIN_TIMEOUT`] to finish.
+///
+/// `resilience` is the gateway's view of the callees (see [`resilience`]).
 pub async fn serve<D: Discovery>(
     listener: TcpListener,
     routes: &[Route],
-    discovery: Arc<D>,
+    resilience: ResilienceLayer<D>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let stack =
-        flotilla_proxy::stack_with_edge(discovery, ProxySettings::gateway(), Router::new(routes));
+        flotilla_proxy::stack_with_edge(resilience, ProxySettings::gateway(), Router::new(routes));
     flotilla_proxy::serve_connections(
         listener,
         stack,
@@ -117,7 +130,7 @@ pub fn serve_threaded<D: Discovery>(
     listener: std::net::TcpListener,
     threads: std::num::NonZeroUsize,
     routes: &[Route],
-    discovery: Arc<D>,
+    resilience: ResilienceLayer<D>,
     shutdown: CancellationToken,
 ) -> std::io::Result<ThreadedGateway> {
     listener.set_nonblocking(true)?;
@@ -125,7 +138,8 @@ pub fn serve_threaded<D: Discovery>(
     for n in 0..threads.get() {
         let listener = listener.try_clone()?;
         let routes = routes.to_vec();
-        let discovery = discovery.clone();
+        // One set of breakers for all threads: the gateway is one caller.
+        let resilience = resilience.clone();
         let shutdown = shutdown.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -135,7 +149,7 @@ pub fn serve_threaded<D: Discovery>(
             .spawn(move || {
                 runtime.block_on(async move {
                     let listener = TcpListener::from_std(listener)?;
-                    serve(listener, &routes, discovery, shutdown).await
+                    serve(listener, &routes, resilience, shutdown).await
                 })
             })?;
         handles.push(handle);
@@ -177,6 +191,8 @@ mod tests {
             prefix: prefix.into(),
             service: service.into(),
             rewrite: rewrite.map(Into::into),
+            retry_non_idempotent: false,
+            fallback: None,
         }
     }
 

@@ -63,11 +63,15 @@ async fn gateway() -> Gateway {
             prefix: "/api/v1/products".into(),
             service: "catalog".into(),
             rewrite: Some("/products".into()),
+            retry_non_idempotent: false,
+            fallback: None,
         },
         Route {
             prefix: "/slow".into(),
             service: "catalog".into(),
             rewrite: None,
+            retry_non_idempotent: false,
+            fallback: None,
         },
     ];
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -75,7 +79,10 @@ async fn gateway() -> Gateway {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { flotilla_gateway::serve(listener, &routes, Arc::new(registry), shutdown).await }
+        async move {
+            let resilience = flotilla_gateway::resilience(Arc::new(registry), Default::default());
+            flotilla_gateway::serve(listener, &routes, resilience, shutdown).await
+        }
     });
     Gateway {
         addr,

@@ -47,6 +47,24 @@ pub struct Route {
     pub service: Arc<str>,
     /// When set, the matched prefix is replaced by this before the request goes upstream.
     pub rewrite: Option<String>,
+    /// `retry_non_idempotent`, default false: also retry POST and PATCH on this route (the
+    /// service promises they are safe to repeat, e.g. through an idempotency key).
+    pub retry_non_idempotent: bool,
+    /// `[gateway.routes.fallback]` (or inline `fallback = { ... }`): answered instead of a 503
+    /// while the service's breaker is open.
+    pub fallback: Option<Fallback>,
+}
+
+/// A static response served while a breaker is open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    /// `status`, default 200; 100–599.
+    pub status: u16,
+    /// `body`, default empty.
+    pub body: String,
+    /// `content_type`, default `application/json`; printable ASCII and spaces, since it is sent
+    /// as the `Content-Type` header as it stands.
+    pub content_type: String,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +86,8 @@ pub struct Service {
     pub replicas: NonZeroU32,
     pub health: HealthSettings,
     pub restart: RestartSettings,
+    /// `[services.X.policy]`: how every caller (gateway and sidecars) treats calls to this service.
+    pub policy: Policy,
     /// Extra environment, on top of what Flotilla sets.
     pub env: BTreeMap<String, String>,
     /// Services that must be healthy before this one starts.
@@ -125,6 +145,182 @@ impl Default for RestartSettings {
             crash_loop_threshold: NonZeroU32::new(5).expect("non-zero"),
             crash_loop_window: Duration::from_secs(60),
             stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[services.X.policy]`: the resilience policy every caller applies to calls to one service.
+///
+/// Failures, for breakers and outlier ejection, are transport errors, timeouts and 5xx answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// `timeout`: per try, until the response headers arrive. Default 15s; more than zero.
+    pub timeout: Duration,
+    /// `deadline`: over all tries and backoffs together. Default 30s; at least `timeout`.
+    pub deadline: Duration,
+    /// `load_balancer = "p2c-ewma" | "round-robin"`. Default p2c-ewma.
+    pub load_balancer: LoadBalancer,
+    /// `[services.X.policy.retries]`.
+    pub retries: RetryPolicy,
+    /// `[services.X.policy.breaker]`.
+    pub breaker: BreakerPolicy,
+    /// `[services.X.policy.outlier]`: per-instance breakers.
+    pub outlier: OutlierPolicy,
+    /// `[services.X.policy.bulkhead]`.
+    pub bulkhead: BulkheadPolicy,
+    /// `[services.X.policy.fallback]`: served to every caller while the breaker is open (a
+    /// gateway route's own fallback wins over it).
+    pub fallback: Option<Fallback>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(15),
+            deadline: Duration::from_secs(30),
+            load_balancer: LoadBalancer::default(),
+            retries: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
+            outlier: OutlierPolicy::default(),
+            bulkhead: BulkheadPolicy::default(),
+            fallback: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadBalancer {
+    /// Power of two choices over peak-EWMA latency (weighted by requests in flight).
+    #[default]
+    P2cEwma,
+    RoundRobin,
+}
+
+impl LoadBalancer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadBalancer::P2cEwma => "p2c-ewma",
+            LoadBalancer::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// Retries of failed tries. Idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) are
+/// retried on a transport error, a per-try timeout or a `retry_on` status; any method is
+/// retried when the connection was refused (the request never left).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// `attempts`: tries in total, the first included; 1 turns retries off. Default 3, max 10.
+    pub attempts: NonZeroU32,
+    /// `backoff`: the first retry waits up to this (full jitter), doubling each time. Default 25ms;
+    /// may be zero.
+    pub backoff: Duration,
+    /// `max_backoff`: the cap of that doubling. Default 250ms; at least `backoff`.
+    pub max_backoff: Duration,
+    /// `retry_on`: response statuses worth another try, each 500–599. Default [502, 503, 504].
+    pub retry_on: Vec<u16>,
+    /// `budget_percent`: retries may add at most this percentage of the calls. Default 20, 0–1000.
+    pub budget_percent: u32,
+    /// `budget_min_per_second`: retries always allowed per second whatever the ratio. Default 10,
+    /// 0–100000.
+    pub budget_min_per_second: u32,
+    /// `budget_window`: how long a call counts towards the budget. Default 10s.
+    pub budget_window: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: NonZeroU32::new(3).expect("non-zero"),
+            backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_millis(250),
+            retry_on: vec![502, 503, 504],
+            budget_percent: 20,
+            budget_min_per_second: 10,
+            budget_window: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The circuit breaker of one callee service, per caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// `enabled`, default true.
+    pub enabled: bool,
+    /// `consecutive_failures`: opens after this many failures in a row. Default 5.
+    pub consecutive_failures: NonZeroU32,
+    /// `failure_rate`: opens when at least this percentage of the calls in `window` failed…
+    /// Default 50, 1–100.
+    pub failure_rate: u32,
+    /// `min_calls`: …and the window holds at least this many calls. Default 20.
+    pub min_calls: NonZeroU32,
+    /// `window`: the sliding window of the failure rate. Default 10s.
+    pub window: Duration,
+    /// `open_timeout`: how long it stays open before letting probes through. Default 5s.
+    pub open_timeout: Duration,
+    /// `half_open_probes`: calls let through while half-open; all must succeed to close. Default 1,
+    /// at most 1000.
+    pub half_open_probes: NonZeroU32,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: NonZeroU32::new(5).expect("non-zero"),
+            failure_rate: 50,
+            min_calls: NonZeroU32::new(20).expect("non-zero"),
+            window: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(5),
+            half_open_probes: NonZeroU32::MIN,
+        }
+    }
+}
+
+/// Outlier ejection: a breaker per instance. An ejected instance gets no calls while the others
+/// serve; each ejection lasts longer than the one before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// `enabled`, default true.
+    pub enabled: bool,
+    /// `consecutive_failures`: ejects an instance after this many failures in a row. Default 5.
+    pub consecutive_failures: NonZeroU32,
+    /// `base_ejection`: the first ejection's length; the n-th lasts n times as long. Default 10s.
+    pub base_ejection: Duration,
+    /// `max_ejection`: the cap of that growth. Default 5m; at least `base_ejection`.
+    pub max_ejection: Duration,
+    /// `max_ejected_percent`: never eject more than this share of the instances (always at
+    /// least one may be ejected when there are two or more). Default 50, 0–100.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: NonZeroU32::new(5).expect("non-zero"),
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// A concurrency limit per callee and caller, with a bounded queue in front.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkheadPolicy {
+    /// `max_concurrent`: calls in flight at once. Default 100, at most 100000.
+    pub max_concurrent: NonZeroU32,
+    /// `max_queue`: calls waiting for a slot (at most the per-try timeout); past it, 503. Default
+    /// 100, 0–100000.
+    pub max_queue: u32,
+}
+
+impl Default for BulkheadPolicy {
+    fn default() -> Self {
+        Self {
+            max_concurrent: NonZeroU32::new(100).expect("non-zero"),
+            max_queue: 100,
         }
     }
 }

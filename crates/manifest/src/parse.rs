@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,8 @@ use toml::de::{DeTable, DeValue};
 use crate::command::split_words;
 use crate::diagnostic::{Diagnostic, Diagnostics, LineIndex};
 use crate::model::{
-    ControlSettings, GatewaySettings, HealthSettings, Manifest, RestartSettings, Route, Service,
+    BreakerPolicy, BulkheadPolicy, ControlSettings, Fallback, GatewaySettings, HealthSettings,
+    LoadBalancer, Manifest, OutlierPolicy, Policy, RestartSettings, RetryPolicy, Route, Service,
 };
 use crate::suggest::closest;
 
@@ -38,10 +39,20 @@ const DEFAULT_CONTROL_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4
     4400,
 ));
 const DEFAULT_VERSION: &str = "0.0.0";
+const DEFAULT_FALLBACK_STATUS: u16 = 200;
+const DEFAULT_FALLBACK_CONTENT_TYPE: &str = "application/json";
+/// Any positive count.
+const AT_LEAST_ONE: RangeInclusive<u32> = 1..=u32::MAX;
 
 const TOP_KEYS: &[&str] = &["app", "gateway", "control", "services"];
 const GATEWAY_KEYS: &[&str] = &["listen", "routes"];
-const ROUTE_KEYS: &[&str] = &["prefix", "service", "rewrite"];
+const ROUTE_KEYS: &[&str] = &[
+    "prefix",
+    "service",
+    "rewrite",
+    "retry_non_idempotent",
+    "fallback",
+];
 const CONTROL_KEYS: &[&str] = &["listen"];
 const SERVICE_KEYS: &[&str] = &[
     "build",
@@ -52,6 +63,7 @@ const SERVICE_KEYS: &[&str] = &[
     "depends_on",
     "health",
     "restart",
+    "policy",
 ];
 const HEALTH_KEYS: &[&str] = &[
     "path",
@@ -68,6 +80,43 @@ const RESTART_KEYS: &[&str] = &[
     "crash_loop_window",
     "stop_grace",
 ];
+const POLICY_KEYS: &[&str] = &[
+    "timeout",
+    "deadline",
+    "load_balancer",
+    "retries",
+    "breaker",
+    "outlier",
+    "bulkhead",
+    "fallback",
+];
+const RETRY_KEYS: &[&str] = &[
+    "attempts",
+    "backoff",
+    "max_backoff",
+    "retry_on",
+    "budget_percent",
+    "budget_min_per_second",
+    "budget_window",
+];
+const BREAKER_KEYS: &[&str] = &[
+    "enabled",
+    "consecutive_failures",
+    "failure_rate",
+    "min_calls",
+    "window",
+    "open_timeout",
+    "half_open_probes",
+];
+const OUTLIER_KEYS: &[&str] = &[
+    "enabled",
+    "consecutive_failures",
+    "base_ejection",
+    "max_ejection",
+    "max_ejected_percent",
+];
+const BULKHEAD_KEYS: &[&str] = &["max_concurrent", "max_queue"];
+const FALLBACK_KEYS: &[&str] = &["status", "body", "content_type"];
 
 pub(crate) fn parse(source: &str, path: &Path) -> Result<Manifest, Diagnostics> {
     let mut checker = Checker {
@@ -371,12 +420,19 @@ impl Checker<'_> {
             let rewrite = table
                 .get("rewrite")
                 .and_then(|value| self.absolute_path(value, "rewrite"));
+            let mut retry_non_idempotent = false;
+            self.set_bool(table, "retry_non_idempotent", &mut retry_non_idempotent);
+            let fallback = self
+                .section(table, "gateway.routes", "fallback", FALLBACK_KEYS)
+                .map(|table| self.fallback(table));
 
             if let (Some(prefix), Some(service)) = (prefix, service) {
                 routes.push(Route {
                     prefix,
                     service,
                     rewrite,
+                    retry_non_idempotent,
+                    fallback,
                 });
             }
         }
@@ -542,7 +598,8 @@ impl Checker<'_> {
         };
         let replicas = body
             .get("replicas")
-            .and_then(|value| self.count(value, "replicas", MAX_REPLICAS))
+            .and_then(|value| self.integer(value, "replicas", 1..=MAX_REPLICAS, "`replicas = 2`"))
+            .and_then(NonZeroU32::new)
             .unwrap_or(NonZeroU32::MIN);
         let env = match body.get("env") {
             Some(value) => self.env(value),
@@ -552,14 +609,19 @@ impl Checker<'_> {
             Some(value) => self.depends_on(value),
             None => Vec::new(),
         };
-        let health = match body.get("health") {
-            Some(value) => self.health(value, name),
-            None => HealthSettings::default(),
-        };
-        let restart = match body.get("restart") {
-            Some(value) => self.restart(value, name),
-            None => RestartSettings::default(),
-        };
+        let path = format!("services.{name}");
+        let health = self
+            .section(body, &path, "health", HEALTH_KEYS)
+            .map(|table| self.health(table))
+            .unwrap_or_default();
+        let restart = self
+            .section(body, &path, "restart", RESTART_KEYS)
+            .map(|table| self.restart(table))
+            .unwrap_or_default();
+        let policy = self
+            .section(body, &path, "policy", POLICY_KEYS)
+            .map(|table| self.policy(table, &path))
+            .unwrap_or_default();
 
         ServiceDraft {
             service: Service {
@@ -570,6 +632,7 @@ impl Checker<'_> {
                 replicas,
                 health,
                 restart,
+                policy,
                 env,
                 depends_on: Vec::new(),
             },
@@ -696,16 +759,8 @@ impl Checker<'_> {
             .collect()
     }
 
-    fn health(&mut self, value: &Value<'_>, service: &str) -> HealthSettings {
+    fn health(&mut self, table: &DeTable<'_>) -> HealthSettings {
         let mut health = HealthSettings::default();
-        let Some(table) = self.table(value, "health") else {
-            return health;
-        };
-        self.unknown_keys(
-            table,
-            HEALTH_KEYS,
-            &format!("in [services.{service}.health]"),
-        );
         if let Some(path) = table
             .get("path")
             .and_then(|value| self.absolute_path(value, "path"))
@@ -715,25 +770,23 @@ impl Checker<'_> {
         self.set_duration(table, "interval", false, &mut health.interval);
         self.set_duration(table, "timeout", false, &mut health.timeout);
         self.set_duration(table, "startup_timeout", false, &mut health.startup_timeout);
-        self.set_count(table, "healthy_threshold", &mut health.healthy_threshold);
-        self.set_count(
+        self.set_integer(
+            table,
+            "healthy_threshold",
+            AT_LEAST_ONE,
+            &mut health.healthy_threshold,
+        );
+        self.set_integer(
             table,
             "unhealthy_threshold",
+            AT_LEAST_ONE,
             &mut health.unhealthy_threshold,
         );
         health
     }
 
-    fn restart(&mut self, value: &Value<'_>, service: &str) -> RestartSettings {
+    fn restart(&mut self, table: &DeTable<'_>) -> RestartSettings {
         let mut restart = RestartSettings::default();
-        let Some(table) = self.table(value, "restart") else {
-            return restart;
-        };
-        self.unknown_keys(
-            table,
-            RESTART_KEYS,
-            &format!("in [services.{service}.restart]"),
-        );
         // An immediate restart or an immediate SIGKILL is a legitimate choice, so zero is fine there.
         let initial_ok =
             self.set_duration(table, "backoff_initial", true, &mut restart.backoff_initial);
@@ -745,32 +798,267 @@ impl Checker<'_> {
             &mut restart.crash_loop_window,
         );
         self.set_duration(table, "stop_grace", true, &mut restart.stop_grace);
-        self.set_count(
+        self.set_integer(
             table,
             "crash_loop_threshold",
+            AT_LEAST_ONE,
             &mut restart.crash_loop_threshold,
         );
-
-        if initial_ok && max_ok && restart.backoff_max < restart.backoff_initial {
-            let blamed = table
-                .get("backoff_max")
-                .or_else(|| table.get("backoff_initial"))
-                .map(|v| v.span())
-                .unwrap_or(0..0);
-            self.error(
-                &blamed,
-                format!(
-                    "`backoff_max` ({}) is shorter than `backoff_initial` ({})",
-                    humantime::format_duration(restart.backoff_max),
-                    humantime::format_duration(restart.backoff_initial)
-                ),
-                Some(
-                    "the backoff starts at `backoff_initial` and grows up to `backoff_max`".into(),
-                ),
-            );
-        }
+        self.not_shorter(
+            table,
+            initial_ok && max_ok,
+            ("backoff_initial", restart.backoff_initial),
+            ("backoff_max", restart.backoff_max),
+            "the backoff starts at `backoff_initial` and grows up to `backoff_max`",
+        );
         restart
     }
+
+    // ---- [services.*.policy] ----
+
+    /// `path` is the service's, like `services.orders`.
+    fn policy(&mut self, table: &DeTable<'_>, path: &str) -> Policy {
+        let mut policy = Policy::default();
+        let timeout_ok = self.set_duration(table, "timeout", false, &mut policy.timeout);
+        let deadline_ok = self.set_duration(table, "deadline", false, &mut policy.deadline);
+        self.not_shorter(
+            table,
+            timeout_ok && deadline_ok,
+            ("timeout", policy.timeout),
+            ("deadline", policy.deadline),
+            "`timeout` limits each try and `deadline` all tries together, so the deadline must \
+             be at least the timeout",
+        );
+        if let Some(balancer) = table
+            .get("load_balancer")
+            .and_then(|value| self.load_balancer(value))
+        {
+            policy.load_balancer = balancer;
+        }
+
+        let path = format!("{path}.policy");
+        if let Some(table) = self.section(table, &path, "retries", RETRY_KEYS) {
+            policy.retries = self.retries(table);
+        }
+        if let Some(table) = self.section(table, &path, "breaker", BREAKER_KEYS) {
+            policy.breaker = self.breaker(table);
+        }
+        if let Some(table) = self.section(table, &path, "outlier", OUTLIER_KEYS) {
+            policy.outlier = self.outlier(table);
+        }
+        if let Some(table) = self.section(table, &path, "bulkhead", BULKHEAD_KEYS) {
+            policy.bulkhead = self.bulkhead(table);
+        }
+        policy.fallback = self
+            .section(table, &path, "fallback", FALLBACK_KEYS)
+            .map(|table| self.fallback(table));
+        policy
+    }
+
+    fn load_balancer(&mut self, value: &Value<'_>) -> Option<LoadBalancer> {
+        const CHOICES: [LoadBalancer; 2] = [LoadBalancer::P2cEwma, LoadBalancer::RoundRobin];
+        let names = CHOICES.map(LoadBalancer::as_str);
+        let list = names.join(", ");
+        let text = self.string_with_help(
+            value,
+            "load_balancer",
+            "a string",
+            &format!("write it like `load_balancer = \"round-robin\"`; the choices are: {list}"),
+        )?;
+        if let Some(balancer) = CHOICES.into_iter().find(|c| c.as_str() == text) {
+            return Some(balancer);
+        }
+        let help = match closest(text, names) {
+            Some(guess) => format!("did you mean `{guess}`? `load_balancer` is one of: {list}"),
+            None => format!("`load_balancer` is one of: {list}"),
+        };
+        self.error(
+            &value.span(),
+            format!("unknown load balancer {text:?}"),
+            Some(help),
+        );
+        None
+    }
+
+    fn retries(&mut self, table: &DeTable<'_>) -> RetryPolicy {
+        let mut retries = RetryPolicy::default();
+        self.set_integer(table, "attempts", 1..=10, &mut retries.attempts);
+        // No backoff at all is a legitimate choice (the retry budget still bounds the load).
+        let backoff_ok = self.set_duration(table, "backoff", true, &mut retries.backoff);
+        let max_ok = self.set_duration(table, "max_backoff", true, &mut retries.max_backoff);
+        self.not_shorter(
+            table,
+            backoff_ok && max_ok,
+            ("backoff", retries.backoff),
+            ("max_backoff", retries.max_backoff),
+            "the backoff starts at `backoff` and doubles up to `max_backoff`",
+        );
+        if let Some(statuses) = table.get("retry_on").and_then(|value| self.retry_on(value)) {
+            retries.retry_on = statuses;
+        }
+        self.set_integer(
+            table,
+            "budget_percent",
+            0..=1000,
+            &mut retries.budget_percent,
+        );
+        self.set_integer(
+            table,
+            "budget_min_per_second",
+            0..=100_000,
+            &mut retries.budget_min_per_second,
+        );
+        self.set_duration(table, "budget_window", false, &mut retries.budget_window);
+        retries
+    }
+
+    /// `retry_on`: 5xx statuses, each listed once.
+    fn retry_on(&mut self, value: &Value<'_>) -> Option<Vec<u16>> {
+        const EXAMPLE: &str = "`retry_on = [502, 503, 504]`";
+        let DeValue::Array(items) = value.get_ref() else {
+            self.wrong_type(
+                value,
+                "retry_on",
+                "an array of status codes",
+                Some(format!("write it like {EXAMPLE}")),
+            );
+            return None;
+        };
+        let mut statuses = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            let Some(status) = self
+                .integer(item, "retry_on entry", 500..=599, EXAMPLE)
+                .and_then(|n| u16::try_from(n).ok())
+            else {
+                continue;
+            };
+            if statuses.contains(&status) {
+                self.error(
+                    &item.span(),
+                    format!("`{status}` is listed twice in `retry_on`"),
+                    Some("remove the second entry".into()),
+                );
+            } else {
+                statuses.push(status);
+            }
+        }
+        Some(statuses)
+    }
+
+    fn breaker(&mut self, table: &DeTable<'_>) -> BreakerPolicy {
+        let mut breaker = BreakerPolicy::default();
+        self.set_bool(table, "enabled", &mut breaker.enabled);
+        self.set_integer(
+            table,
+            "consecutive_failures",
+            AT_LEAST_ONE,
+            &mut breaker.consecutive_failures,
+        );
+        self.set_integer(table, "failure_rate", 1..=100, &mut breaker.failure_rate);
+        self.set_integer(table, "min_calls", AT_LEAST_ONE, &mut breaker.min_calls);
+        self.set_duration(table, "window", false, &mut breaker.window);
+        self.set_duration(table, "open_timeout", false, &mut breaker.open_timeout);
+        self.set_integer(
+            table,
+            "half_open_probes",
+            1..=1000,
+            &mut breaker.half_open_probes,
+        );
+        breaker
+    }
+
+    fn outlier(&mut self, table: &DeTable<'_>) -> OutlierPolicy {
+        let mut outlier = OutlierPolicy::default();
+        self.set_bool(table, "enabled", &mut outlier.enabled);
+        self.set_integer(
+            table,
+            "consecutive_failures",
+            AT_LEAST_ONE,
+            &mut outlier.consecutive_failures,
+        );
+        let base_ok = self.set_duration(table, "base_ejection", false, &mut outlier.base_ejection);
+        let max_ok = self.set_duration(table, "max_ejection", false, &mut outlier.max_ejection);
+        self.not_shorter(
+            table,
+            base_ok && max_ok,
+            ("base_ejection", outlier.base_ejection),
+            ("max_ejection", outlier.max_ejection),
+            "each ejection lasts longer than the one before, from `base_ejection` up to \
+             `max_ejection`",
+        );
+        self.set_integer(
+            table,
+            "max_ejected_percent",
+            0..=100,
+            &mut outlier.max_ejected_percent,
+        );
+        outlier
+    }
+
+    fn bulkhead(&mut self, table: &DeTable<'_>) -> BulkheadPolicy {
+        let mut bulkhead = BulkheadPolicy::default();
+        self.set_integer(
+            table,
+            "max_concurrent",
+            1..=100_000,
+            &mut bulkhead.max_concurrent,
+        );
+        self.set_integer(table, "max_queue", 0..=100_000, &mut bulkhead.max_queue);
+        bulkhead
+    }
+
+    /// A `fallback` table, of a policy or of a gateway route.
+    fn fallback(&mut self, table: &DeTable<'_>) -> Fallback {
+        let mut status = DEFAULT_FALLBACK_STATUS;
+        self.set_integer(table, "status", 100..=599, &mut status);
+        let body = table
+            .get("body")
+            .and_then(|value| {
+                self.string_with_help(
+                    value,
+                    "body",
+                    "a string",
+                    "quote it; single quotes keep JSON readable, like `body = '{\"items\": []}'`",
+                )
+            })
+            .unwrap_or_default()
+            .to_owned();
+        let content_type = table
+            .get("content_type")
+            .and_then(|value| self.content_type(value))
+            .unwrap_or_else(|| DEFAULT_FALLBACK_CONTENT_TYPE.to_owned());
+        Fallback {
+            status,
+            body,
+            content_type,
+        }
+    }
+
+    /// A `content_type` that can be sent as an HTTP header value as it stands.
+    fn content_type(&mut self, value: &Value<'_>) -> Option<String> {
+        const EXAMPLE: &str = "`content_type = \"text/plain; charset=utf-8\"`";
+        let text = self.string_with_help(
+            value,
+            "content_type",
+            "a string",
+            &format!("write a media type, like {EXAMPLE}"),
+        )?;
+        let valid =
+            !text.trim().is_empty() && text.chars().all(|c| c == ' ' || c.is_ascii_graphic());
+        if !valid {
+            self.error(
+                &value.span(),
+                format!("`content_type` {text:?} is not a valid header value"),
+                Some(format!(
+                    "use printable ASCII characters and spaces only, like {EXAMPLE}"
+                )),
+            );
+            return None;
+        }
+        Some(text.to_owned())
+    }
+
+    // ---- typed settings in a table ----
 
     /// Overwrites `slot` when `key` is present and valid; false when it is present but invalid.
     fn set_duration(
@@ -810,13 +1098,74 @@ impl Checker<'_> {
         }
     }
 
-    fn set_count(&mut self, table: &DeTable<'_>, key: &str, slot: &mut NonZeroU32) {
-        if let Some(count) = table
-            .get(key)
-            .and_then(|value| self.count(value, key, u32::MAX))
+    /// Overwrites `slot` when `key` is present and an integer in `range` (which must fit `T`).
+    /// The value already in `slot`, the default, is the example given when the type is wrong.
+    fn set_integer<T>(
+        &mut self,
+        table: &DeTable<'_>,
+        key: &str,
+        range: RangeInclusive<u32>,
+        slot: &mut T,
+    ) where
+        T: Copy + Into<u32> + TryFrom<u32>,
+    {
+        let Some(value) = table.get(key) else {
+            return;
+        };
+        let example = format!("`{key} = {}`", (*slot).into());
+        if let Some(number) = self
+            .integer(value, key, range, &example)
+            .and_then(|n| T::try_from(n).ok())
         {
-            *slot = count;
+            *slot = number;
         }
+    }
+
+    /// Overwrites `slot` when `key` is present and a boolean.
+    fn set_bool(&mut self, table: &DeTable<'_>, key: &str, slot: &mut bool) {
+        let Some(value) = table.get(key) else {
+            return;
+        };
+        match value.get_ref() {
+            DeValue::Boolean(flag) => *slot = *flag,
+            _ => self.wrong_type(
+                value,
+                key,
+                "a boolean",
+                Some(format!(
+                    "write `{key} = true` or `{key} = false`, without quotes"
+                )),
+            ),
+        }
+    }
+
+    /// Reports the duration `high` being shorter than `low` when both were read without error
+    /// (`valid`); the error points at `high` if it was written, else at `low`.
+    fn not_shorter(
+        &mut self,
+        table: &DeTable<'_>,
+        valid: bool,
+        (low_key, low): (&str, Duration),
+        (high_key, high): (&str, Duration),
+        why: &str,
+    ) {
+        if !valid || high >= low {
+            return;
+        }
+        let blamed = table
+            .get(high_key)
+            .or_else(|| table.get(low_key))
+            .map(|v| v.span())
+            .unwrap_or(0..0);
+        self.error(
+            &blamed,
+            format!(
+                "`{high_key}` ({}) is shorter than `{low_key}` ({})",
+                humantime::format_duration(high),
+                humantime::format_duration(low)
+            ),
+            Some(why.into()),
+        );
     }
 
     // ---- dependencies ----
@@ -968,8 +1317,15 @@ impl Checker<'_> {
         }
     }
 
-    /// A positive integer no larger than `max`.
-    fn count(&mut self, value: &Value<'_>, key: &str, max: u32) -> Option<NonZeroU32> {
+    /// An integer in `range`. `example` shows the key written correctly, for when the type is
+    /// wrong.
+    fn integer(
+        &mut self,
+        value: &Value<'_>,
+        key: &str,
+        range: RangeInclusive<u32>,
+        example: &str,
+    ) -> Option<u32> {
         let number = match value.get_ref() {
             DeValue::Integer(integer) => {
                 i64::from_str_radix(integer.as_str(), integer.radix()).ok()
@@ -979,29 +1335,60 @@ impl Checker<'_> {
                     value,
                     key,
                     "an integer",
-                    Some(format!("write the number without quotes, like `{key} = 2`")),
+                    Some(format!("write the number without quotes, like {example}")),
                 );
                 return None;
             }
             _ => {
-                self.wrong_type(value, key, "an integer", None);
+                self.wrong_type(
+                    value,
+                    key,
+                    "an integer",
+                    Some(format!("write a whole number, like {example}")),
+                );
                 return None;
             }
         };
-        let count = number
+        let found = number
             .and_then(|n| u32::try_from(n).ok())
-            .filter(|&n| n <= max)
-            .and_then(NonZeroU32::new);
-        if count.is_none() {
+            .filter(|n| range.contains(n));
+        if found.is_none() {
             let written = self.source.get(value.span()).unwrap_or_default();
+            let (min, max) = range.into_inner();
             let message = if max == u32::MAX {
-                format!("`{key}` must be at least 1, found {written}")
+                format!("`{key}` must be at least {min}, found {written}")
             } else {
-                format!("`{key}` must be between 1 and {max}, found {written}")
+                format!("`{key}` must be between {min} and {max}, found {written}")
             };
             self.error(&value.span(), message, None);
         }
-        count
+        found
+    }
+
+    /// The sub-table `key` of the table at `path` — a `[path.key]` section or an inline table —
+    /// with its unknown keys reported; `None` when it is absent or not a table.
+    fn section<'v, 'i>(
+        &mut self,
+        table: &'v DeTable<'i>,
+        path: &str,
+        key: &str,
+        allowed: &[&str],
+    ) -> Option<&'v DeTable<'i>> {
+        let value = table.get(key)?;
+        let header = format!("[{path}.{key}]");
+        let DeValue::Table(section) = value.get_ref() else {
+            self.wrong_type(
+                value,
+                key,
+                "a table",
+                Some(format!(
+                    "write it as a {header} section, or inline like `{key} = {{ ... }}`"
+                )),
+            );
+            return None;
+        };
+        self.unknown_keys(section, allowed, &format!("in {header}"));
+        Some(section)
     }
 }
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_manifest::{
-    Diagnostic, Diagnostics, HealthSettings, Manifest, RestartSettings, load, parse,
+    BreakerPolicy, BulkheadPolicy, Diagnostic, Diagnostics, Fallback, HealthSettings, LoadBalancer,
+    Manifest, OutlierPolicy, Policy, RestartSettings, RetryPolicy, load, parse,
 };
 
 const DURATION_HELP: &str = "use a number with a unit, like \"500ms\", \"2s\" or \"1m\"";
@@ -318,7 +319,7 @@ fn unknown_key_in_service() {
     assert_eq!(
         help(&error),
         "did you mean `replicas`? allowed keys in [services.web] are: build, run, version, \
-         replicas, env, depends_on, health, restart"
+         replicas, env, depends_on, health, restart, policy"
     );
 }
 
@@ -893,6 +894,605 @@ fn display_formats_every_diagnostic() {
          help: did you mean `orders`? known services are: orders"
     );
     let _: &dyn std::error::Error = &diagnostics;
+}
+
+// ---- resilience policy ----
+
+/// A manifest with one service `a`, routed at `/a`; `extra` starts on line 6.
+fn with_service(extra: &str) -> String {
+    format!("app = \"a\"\n[services.a]\nrun = \"a\"\n[[gateway.routes]]\nprefix = \"/a\"\n{extra}")
+}
+
+#[test]
+fn full_policy_is_parsed() {
+    let manifest = ok(r#"app = "shop"
+[services.payments]
+run = "payments"
+
+[services.payments.policy]
+timeout = "1s"
+deadline = "3s"
+load_balancer = "round-robin"
+
+[services.payments.policy.retries]
+attempts = 4
+backoff = "0s"
+max_backoff = "250ms"
+retry_on = [502, 503, 504, 599]
+budget_percent = 1000
+budget_min_per_second = 0
+budget_window = "20s"
+
+[services.payments.policy.breaker]
+enabled = false
+consecutive_failures = 7
+failure_rate = 100
+min_calls = 1
+window = "30s"
+open_timeout = "2s"
+half_open_probes = 1000
+
+[services.payments.policy.outlier]
+enabled = false
+consecutive_failures = 2
+base_ejection = "1s"
+max_ejection = "1s"
+max_ejected_percent = 0
+
+[services.payments.policy.bulkhead]
+max_concurrent = 100000
+max_queue = 0
+
+[services.payments.policy.fallback]
+status = 200
+body = '{"items": []}'
+content_type = "application/json; charset=utf-8"
+"#);
+    assert_eq!(
+        manifest.services[0].policy,
+        Policy {
+            timeout: Duration::from_secs(1),
+            deadline: Duration::from_secs(3),
+            load_balancer: LoadBalancer::RoundRobin,
+            retries: RetryPolicy {
+                attempts: NonZeroU32::new(4).unwrap(),
+                backoff: Duration::ZERO,
+                max_backoff: Duration::from_millis(250),
+                retry_on: vec![502, 503, 504, 599],
+                budget_percent: 1000,
+                budget_min_per_second: 0,
+                budget_window: Duration::from_secs(20),
+            },
+            breaker: BreakerPolicy {
+                enabled: false,
+                consecutive_failures: NonZeroU32::new(7).unwrap(),
+                failure_rate: 100,
+                min_calls: NonZeroU32::MIN,
+                window: Duration::from_secs(30),
+                open_timeout: Duration::from_secs(2),
+                half_open_probes: NonZeroU32::new(1000).unwrap(),
+            },
+            outlier: OutlierPolicy {
+                enabled: false,
+                consecutive_failures: NonZeroU32::new(2).unwrap(),
+                base_ejection: Duration::from_secs(1),
+                max_ejection: Duration::from_secs(1),
+                max_ejected_percent: 0,
+            },
+            bulkhead: BulkheadPolicy {
+                max_concurrent: NonZeroU32::new(100_000).unwrap(),
+                max_queue: 0,
+            },
+            fallback: Some(Fallback {
+                status: 200,
+                body: r#"{"items": []}"#.into(),
+                content_type: "application/json; charset=utf-8".into(),
+            }),
+        }
+    );
+}
+
+#[test]
+fn policy_defaults_when_absent() {
+    let manifest = ok(&with_service("service = \"a\"\n"));
+    assert_eq!(manifest.services[0].policy, Policy::default());
+    let route = &manifest.gateway.routes[0];
+    assert!(!route.retry_non_idempotent);
+    assert_eq!(route.fallback, None);
+
+    // Empty sections change nothing; a partial one keeps the defaults of the keys it leaves out.
+    let manifest = ok(&with_service(
+        "service = \"a\"\n[services.a.policy]\n[services.a.policy.breaker]\n\
+         [services.a.policy.retries]\nattempts = 1\n",
+    ));
+    assert_eq!(
+        manifest.services[0].policy,
+        Policy {
+            retries: RetryPolicy {
+                attempts: NonZeroU32::MIN,
+                ..RetryPolicy::default()
+            },
+            ..Policy::default()
+        }
+    );
+    assert_eq!(
+        ok("app = \"a\"\n[services.a]\nrun = \"a\"\npolicy = { load_balancer = \"p2c-ewma\" }\n")
+            .services[0]
+            .policy,
+        Policy::default()
+    );
+}
+
+#[test]
+fn route_fallback_and_retry_non_idempotent() {
+    let manifest = ok(r#"app = "shop"
+[[gateway.routes]]
+prefix = "/api/v1/orders"
+service = "orders"
+retry_non_idempotent = true
+fallback = { status = 503, body = "try later" }
+
+[[gateway.routes]]
+prefix = "/api/v1/catalog"
+service = "orders"
+retry_non_idempotent = false
+[gateway.routes.fallback]
+content_type = "text/plain"
+
+[services.orders]
+run = "orders"
+"#);
+    let routes: Vec<(&str, bool, Option<&Fallback>)> = manifest
+        .gateway
+        .routes
+        .iter()
+        .map(|r| {
+            (
+                r.prefix.as_str(),
+                r.retry_non_idempotent,
+                r.fallback.as_ref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            (
+                "/api/v1/catalog",
+                false,
+                Some(&Fallback {
+                    status: 200,
+                    body: String::new(),
+                    content_type: "text/plain".into(),
+                })
+            ),
+            (
+                "/api/v1/orders",
+                true,
+                Some(&Fallback {
+                    status: 503,
+                    body: "try later".into(),
+                    content_type: "application/json".into(),
+                })
+            ),
+        ]
+    );
+    // A route's fallback is its own: the service's policy is untouched.
+    assert_eq!(manifest.services[0].policy.fallback, None);
+}
+
+#[test]
+fn policy_values_of_the_wrong_type() {
+    let error = single_error(
+        &with_service("service = \"a\"\n[services.a.policy]\ntimeout = 5\n"),
+        8,
+        11,
+        "`timeout` must be a duration, found an integer",
+    );
+    assert_eq!(help(&error), DURATION_HELP);
+    let error = single_error(
+        &with_service("service = \"a\"\n[services.a.policy.breaker]\nenabled = \"yes\"\n"),
+        8,
+        11,
+        "`enabled` must be a boolean, found a string",
+    );
+    assert_eq!(
+        help(&error),
+        "write `enabled = true` or `enabled = false`, without quotes"
+    );
+    let error = single_error(
+        &with_service("service = \"a\"\n[services.a.policy.retries]\nretry_on = 503\n"),
+        8,
+        12,
+        "`retry_on` must be an array of status codes, found an integer",
+    );
+    assert_eq!(help(&error), "write it like `retry_on = [502, 503, 504]`");
+    let error = single_error(
+        &with_service("service = \"a\"\nretry_non_idempotent = 1\n"),
+        7,
+        24,
+        "`retry_non_idempotent` must be a boolean, found an integer",
+    );
+    assert!(help(&error).contains("`retry_non_idempotent = true`"));
+
+    // Integers get the default as their example.
+    let error = single_error(
+        &with_service("service = \"a\"\n[services.a.policy.retries]\nattempts = \"3\"\n"),
+        8,
+        12,
+        "`attempts` must be an integer, found a string",
+    );
+    assert_eq!(
+        help(&error),
+        "write the number without quotes, like `attempts = 3`"
+    );
+    let error = single_error(
+        &with_service("service = \"a\"\n[services.a.policy.bulkhead]\nmax_queue = 1.5\n"),
+        8,
+        13,
+        "`max_queue` must be an integer, found a float",
+    );
+    assert_eq!(help(&error), "write a whole number, like `max_queue = 100`");
+
+    let error = single_error(
+        &with_service("service = \"a\"\n[services.a.policy]\nload_balancer = 2\n"),
+        8,
+        17,
+        "`load_balancer` must be a string, found an integer",
+    );
+    assert!(help(&error).starts_with("write it like `load_balancer = \"round-robin\"`"));
+    let error = single_error(
+        &with_service("service = \"a\"\nfallback = \"sorry\"\n"),
+        7,
+        12,
+        "`fallback` must be a table, found a string",
+    );
+    assert_eq!(
+        help(&error),
+        "write it as a [gateway.routes.fallback] section, or inline like `fallback = { ... }`"
+    );
+    let error = single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\npolicy.retries = 3\n",
+        4,
+        18,
+        "`retries` must be a table, found an integer",
+    );
+    assert!(
+        help(&error).contains("[services.a.policy.retries]"),
+        "{error}"
+    );
+    let error = single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\npolicy.fallback = { body = 5 }\n",
+        4,
+        28,
+        "`body` must be a string, found an integer",
+    );
+    assert!(help(&error).starts_with("quote it"), "{error}");
+}
+
+#[test]
+fn policy_integers_out_of_range() {
+    let cases = [
+        (
+            "retries",
+            "attempts = 11",
+            "`attempts` must be between 1 and 10, found 11",
+        ),
+        (
+            "retries",
+            "attempts = 0",
+            "`attempts` must be between 1 and 10, found 0",
+        ),
+        (
+            "retries",
+            "budget_percent = 1001",
+            "`budget_percent` must be between 0 and 1000, found 1001",
+        ),
+        (
+            "retries",
+            "budget_min_per_second = -1",
+            "`budget_min_per_second` must be between 0 and 100000, found -1",
+        ),
+        (
+            "breaker",
+            "failure_rate = 0",
+            "`failure_rate` must be between 1 and 100, found 0",
+        ),
+        (
+            "breaker",
+            "consecutive_failures = 0",
+            "`consecutive_failures` must be at least 1, found 0",
+        ),
+        (
+            "breaker",
+            "min_calls = 0",
+            "`min_calls` must be at least 1, found 0",
+        ),
+        (
+            "breaker",
+            "half_open_probes = 1001",
+            "`half_open_probes` must be between 1 and 1000, found 1001",
+        ),
+        (
+            "outlier",
+            "max_ejected_percent = 101",
+            "`max_ejected_percent` must be between 0 and 100, found 101",
+        ),
+        (
+            "bulkhead",
+            "max_concurrent = 0",
+            "`max_concurrent` must be between 1 and 100000, found 0",
+        ),
+        (
+            "bulkhead",
+            "max_queue = 100001",
+            "`max_queue` must be between 0 and 100000, found 100001",
+        ),
+        (
+            "fallback",
+            "status = 99",
+            "`status` must be between 100 and 599, found 99",
+        ),
+        (
+            "fallback",
+            "status = 600",
+            "`status` must be between 100 and 599, found 600",
+        ),
+    ];
+    for (section, line, message) in cases {
+        let column = line.find('=').unwrap() + 3;
+        single_error(
+            &with_service(&format!(
+                "service = \"a\"\n[services.a.policy.{section}]\n{line}\n"
+            )),
+            8,
+            column,
+            message,
+        );
+    }
+    single_error(
+        &with_service("service = \"a\"\nfallback = { status = 0x258 }\n"),
+        7,
+        23,
+        "`status` must be between 100 and 599, found 0x258",
+    );
+}
+
+#[test]
+fn policy_zero_durations() {
+    for key in ["timeout", "deadline"] {
+        single_error(
+            &format!("app = \"a\"\n[services.a]\nrun = \"a\"\npolicy.{key} = \"0s\"\n"),
+            4,
+            key.len() + 11,
+            &format!("`{key}` must be longer than zero"),
+        );
+    }
+    for (section, key) in [
+        ("retries", "budget_window"),
+        ("breaker", "window"),
+        ("breaker", "open_timeout"),
+        ("outlier", "base_ejection"),
+    ] {
+        single_error(
+            &format!(
+                "app = \"a\"\n[services.a.policy.{section}]\n{key} = \"0ms\"\n[services.a]\nrun = \"a\"\n"
+            ),
+            3,
+            key.len() + 4,
+            &format!("`{key}` must be longer than zero"),
+        );
+    }
+    // Retrying without any wait is allowed.
+    let manifest = ok(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\npolicy.retries = { backoff = \"0s\", max_backoff = \"0s\" }\n",
+    );
+    assert_eq!(
+        manifest.services[0].policy.retries.max_backoff,
+        Duration::ZERO
+    );
+}
+
+#[test]
+fn deadline_must_not_be_shorter_than_timeout() {
+    let error = single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.policy]\ndeadline = \"2s\"\ntimeout = \"5s\"\n",
+        5,
+        12,
+        "`deadline` (2s) is shorter than `timeout` (5s)",
+    );
+    assert!(help(&error).contains("all tries together"), "{error}");
+    // Against the default deadline of 30s, the timeout is to blame.
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.policy]\ntimeout = \"1m\"\n",
+        5,
+        11,
+        "`deadline` (30s) is shorter than `timeout` (1m)",
+    );
+    // Equal is fine.
+    ok(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\npolicy = { timeout = \"3s\", deadline = \"3s\" }\n",
+    );
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\npolicy = { timeout = \"1 hour\", deadline = \"1s\" }\n",
+        4,
+        43,
+        "`deadline` (1s) is shorter than `timeout` (1h)",
+    );
+    // An invalid timeout is reported alone, not compared.
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\npolicy = { timeout = \"soon\", deadline = \"1s\" }\n",
+        4,
+        22,
+        "invalid duration \"soon\" for `timeout`: expected number at 0",
+    );
+}
+
+#[test]
+fn longest_backoff_and_ejection_must_not_be_below_the_first() {
+    let error = single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.policy.retries]\nbackoff = \"1s\"\nmax_backoff = \"100ms\"\n",
+        6,
+        15,
+        "`max_backoff` (100ms) is shorter than `backoff` (1s)",
+    );
+    assert_eq!(
+        help(&error),
+        "the backoff starts at `backoff` and doubles up to `max_backoff`"
+    );
+    single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.policy.outlier]\nbase_ejection = \"10m\"\n",
+        5,
+        17,
+        "`max_ejection` (5m) is shorter than `base_ejection` (10m)",
+    );
+}
+
+#[test]
+fn unknown_load_balancer() {
+    let error = single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.policy]\nload_balancer = \"round-robbin\"\n",
+        5,
+        17,
+        "unknown load balancer \"round-robbin\"",
+    );
+    assert_eq!(
+        help(&error),
+        "did you mean `round-robin`? `load_balancer` is one of: p2c-ewma, round-robin"
+    );
+    let error = single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\npolicy.load_balancer = \"random\"\n",
+        4,
+        24,
+        "unknown load balancer \"random\"",
+    );
+    assert_eq!(
+        help(&error),
+        "`load_balancer` is one of: p2c-ewma, round-robin"
+    );
+}
+
+#[test]
+fn unknown_keys_in_policy_tables() {
+    let error = single_error(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.policy]\ntimout = \"1s\"\n",
+        5,
+        1,
+        "unknown key `timout` in [services.a.policy]",
+    );
+    assert_eq!(
+        help(&error),
+        "did you mean `timeout`? allowed keys in [services.a.policy] are: timeout, deadline, \
+         load_balancer, retries, breaker, outlier, bulkhead, fallback"
+    );
+    let cases = [
+        ("[services.a.policy]", "retry", "retries"),
+        ("[services.a.policy.retries]", "attempt", "attempts"),
+        (
+            "[services.a.policy.breaker]",
+            "half_open_probe",
+            "half_open_probes",
+        ),
+        (
+            "[services.a.policy.outlier]",
+            "max_ejected_pct",
+            "max_ejected_percent",
+        ),
+        (
+            "[services.a.policy.bulkhead]",
+            "max_concurent",
+            "max_concurrent",
+        ),
+        (
+            "[services.a.policy.fallback]",
+            "content-type",
+            "content_type",
+        ),
+    ];
+    for (header, typo, guess) in cases {
+        let error = single_error(
+            &format!("app = \"a\"\n[services.a]\nrun = \"a\"\n{header}\n{typo} = 1\n"),
+            5,
+            1,
+            &format!("unknown key `{typo}` in {header}"),
+        );
+        assert!(
+            help(&error).starts_with(&format!("did you mean `{guess}`?")),
+            "{error}"
+        );
+    }
+
+    let found = errors(&with_service(
+        "service = \"a\"\nfallback = { stauts = 503 }\nretry_idempotent = true\n",
+    ));
+    let at: Vec<(usize, usize, &str)> = found
+        .iter()
+        .map(|e| (e.line, e.column, e.message.as_str()))
+        .collect();
+    assert_eq!(
+        at,
+        [
+            (7, 14, "unknown key `stauts` in [gateway.routes.fallback]"),
+            (8, 1, "unknown key `retry_idempotent` in [[gateway.routes]]"),
+        ]
+    );
+    assert!(help(&found[0]).starts_with("did you mean `status`?"));
+    assert!(help(&found[1]).starts_with("did you mean `retry_non_idempotent`?"));
+}
+
+#[test]
+fn bad_retry_on_entries() {
+    let found = errors(
+        "app = \"a\"\n[services.a]\nrun = \"a\"\n[services.a.policy.retries]\nretry_on = [503, 404, \"502\", 503]\n",
+    );
+    let at: Vec<(usize, usize, &str)> = found
+        .iter()
+        .map(|e| (e.line, e.column, e.message.as_str()))
+        .collect();
+    assert_eq!(
+        at,
+        [
+            (
+                5,
+                18,
+                "`retry_on entry` must be between 500 and 599, found 404"
+            ),
+            (5, 23, "`retry_on entry` must be an integer, found a string"),
+            (5, 30, "`503` is listed twice in `retry_on`"),
+        ]
+    );
+    assert_eq!(
+        help(&found[1]),
+        "write the number without quotes, like `retry_on = [502, 503, 504]`"
+    );
+    // An empty list retries only what never reached the service.
+    let manifest = ok("app = \"a\"\n[services.a]\nrun = \"a\"\npolicy.retries.retry_on = []\n");
+    assert!(manifest.services[0].policy.retries.retry_on.is_empty());
+}
+
+#[test]
+fn fallback_content_type_must_be_a_header_value() {
+    let error = single_error(
+        &with_service("service = \"a\"\nfallback = { content_type = \"text/plain\\n\" }\n"),
+        7,
+        29,
+        "`content_type` \"text/plain\\n\" is not a valid header value",
+    );
+    assert!(help(&error).starts_with("use printable ASCII"), "{error}");
+    single_error(
+        &with_service("service = \"a\"\nfallback = { content_type = \"\" }\n"),
+        7,
+        29,
+        "`content_type` \"\" is not a valid header value",
+    );
+    single_error(
+        &with_service(
+            "service = \"a\"\nfallback = { content_type = \"text/plain; charset=\u{e9}\" }\n",
+        ),
+        7,
+        29,
+        "`content_type` \"text/plain; charset=\u{e9}\" is not a valid header value",
+    );
 }
 
 // ---- load ----

@@ -1,195 +1,275 @@
-//! Load balancing: resolve the target service through [`Discovery`], pick one healthy instance.
+//! Which instance gets a call: power of two choices over peak-EWMA latency (the default) or
+//! round-robin, over the healthy instances that outlier ejection has not taken out.
 //!
-//! The layer does the resolving and the refusing (unknown service, nothing healthy); which
-//! instance wins is a [`Policy`]. Round-robin is the one today; P2C over peak-EWMA is another
-//! `Policy` plugged into the same layer.
+//! Every instance of a callee has an [`EndpointStats`]: a latency estimate that jumps up to a slow
+//! answer at once and decays back slowly (peak EWMA, as in Finagle and Linkerd), the calls in flight
+//! to it, and its outlier record. P2C draws two instances at random and takes the one with the lower
+//! `latency × (in flight + 1)`: nearly as good as scanning all, without herding onto one.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
+use std::time::Duration;
 
-use flotilla_registry::{Discovery, Endpoint, Resolution};
-use http::Request;
-use tower::{Layer, Service};
+use flotilla_manifest::{LoadBalancer, OutlierPolicy};
+use flotilla_registry::Endpoint;
+use tokio::time::Instant;
 
-use crate::future::Checked;
-use crate::{BoxError, Error, Target};
+/// The estimate of an instance nothing has been learnt about yet: optimistic enough that a new
+/// instance gets traffic, not so low that it gets all of it.
+const DEFAULT_RTT: Duration = Duration::from_millis(5);
 
-/// Chooses which of a service's healthy endpoints gets the next request.
-pub trait Policy: Send + Sync + 'static {
-    /// An index into `endpoints`, which is never empty. An out-of-range answer means the first.
-    fn pick(&self, service: &str, endpoints: &[Endpoint]) -> usize;
-}
-
-/// Each service's instances in turn.
-///
-/// The turn is counted per service: one shared counter would let two services that alternate
-/// always land on the same instance of each.
-#[derive(Debug, Default)]
-pub struct RoundRobin {
-    turns: RwLock<HashMap<Arc<str>, AtomicUsize>>,
-}
-
-impl RoundRobin {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn next_turn(&self, service: &str) -> usize {
-        // The map only grows by one entry per known service, so after warm-up every request
-        // takes the read lock only. A poisoned lock still holds valid counters.
-        {
-            let turns = self.turns.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(turn) = turns.get(service) {
-                return turn.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let mut turns = self.turns.write().unwrap_or_else(|e| e.into_inner());
-        turns
-            .entry(Arc::from(service))
-            .or_default()
-            .fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-impl Policy for RoundRobin {
-    fn pick(&self, service: &str, endpoints: &[Endpoint]) -> usize {
-        match endpoints.len() {
-            0 | 1 => 0,
-            n => self.next_turn(service) % n,
-        }
-    }
-}
+/// How fast the estimate forgets: an old observation weighs `e^(-age/DECAY)`.
+const DECAY: Duration = Duration::from_secs(10);
 
 /// The endpoint the balancer picked, as a request extension for the upstream client.
 #[derive(Clone, Debug)]
 pub struct Picked(pub Endpoint);
 
-/// Resolves the request's [`Target`] and picks an endpoint with a [`Policy`].
-pub struct BalanceLayer<D, P> {
-    discovery: Arc<D>,
-    policy: Arc<P>,
+/// What the balancer knows about one instance.
+#[derive(Debug, Clone)]
+pub struct EndpointStats {
+    rtt_nanos: f64,
+    stamp: Instant,
+    pub(crate) in_flight: u32,
+    consecutive_failures: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
 }
 
-impl<D, P> BalanceLayer<D, P> {
-    pub fn new(discovery: Arc<D>, policy: P) -> Self {
+/// A change of an instance's ejection, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ejection {
+    Ejected { for_: Duration, failures: u32 },
+    Returned,
+}
+
+impl EndpointStats {
+    pub fn new(now: Instant) -> Self {
         Self {
-            discovery,
-            policy: Arc::new(policy),
+            rtt_nanos: DEFAULT_RTT.as_nanos() as f64,
+            stamp: now,
+            in_flight: 0,
+            consecutive_failures: 0,
+            ejections: 0,
+            ejected_until: None,
         }
     }
-}
 
-impl<D, P> Clone for BalanceLayer<D, P> {
-    fn clone(&self) -> Self {
-        Self {
-            discovery: self.discovery.clone(),
-            policy: self.policy.clone(),
+    /// `latency × (in flight + 1)`, with the latency decayed for the time since it was measured,
+    /// so that an instance that was slow once is tried again eventually.
+    pub fn cost(&self, now: Instant) -> f64 {
+        let age = now.saturating_duration_since(self.stamp).as_secs_f64();
+        let decayed = self.rtt_nanos * (-age / DECAY.as_secs_f64()).exp();
+        decayed * f64::from(self.in_flight + 1)
+    }
+
+    /// Folds in one call's latency: a slower answer is taken at once, a faster one gradually.
+    pub fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > self.rtt_nanos {
+            self.rtt_nanos = rtt;
+        } else {
+            let age = now.saturating_duration_since(self.stamp).as_secs_f64();
+            let weight = (-age / DECAY.as_secs_f64()).exp();
+            self.rtt_nanos = self.rtt_nanos * weight + rtt * (1.0 - weight);
         }
-    }
-}
-
-impl<S, D, P> Layer<S> for BalanceLayer<D, P> {
-    type Service = Balance<S, D, P>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Balance {
-            inner,
-            discovery: self.discovery.clone(),
-            policy: self.policy.clone(),
-        }
-    }
-}
-
-pub struct Balance<S, D, P> {
-    inner: S,
-    discovery: Arc<D>,
-    policy: Arc<P>,
-}
-
-impl<S: Clone, D, P> Clone for Balance<S, D, P> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            discovery: self.discovery.clone(),
-            policy: self.policy.clone(),
-        }
-    }
-}
-
-impl<S, D, P, B> Service<Request<B>> for Balance<S, D, P>
-where
-    S: Service<Request<B>>,
-    S::Error: Into<BoxError>,
-    D: Discovery,
-    P: Policy,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = Checked<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.stamp = now;
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        match self.pick(&request) {
-            Ok(endpoint) => {
-                request.extensions_mut().insert(Picked(endpoint));
-                Checked::called(self.inner.call(request))
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| now < until)
+    }
+
+    pub fn ejected_until(&self) -> Option<Instant> {
+        self.ejected_until
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+
+    pub fn ejections(&self) -> u32 {
+        self.ejections
+    }
+
+    /// Ends an ejection whose time is up; the instance starts over with a clean run.
+    pub fn expire(&mut self, now: Instant) -> Option<Ejection> {
+        match self.ejected_until {
+            Some(until) if now >= until => {
+                self.ejected_until = None;
+                self.consecutive_failures = 0;
+                Some(Ejection::Returned)
             }
-            Err(error) => Checked::rejected(error),
+            _ => None,
         }
+    }
+
+    /// Counts an outcome; ejects after `consecutive_failures` in a row when `may_eject`. The
+    /// n-th ejection lasts n × `base_ejection`, up to `max_ejection`.
+    pub fn outcome(
+        &mut self,
+        failed: bool,
+        policy: &OutlierPolicy,
+        may_eject: bool,
+        now: Instant,
+    ) -> Option<Ejection> {
+        if !failed {
+            self.consecutive_failures = 0;
+            return None;
+        }
+        self.consecutive_failures += 1;
+        if !policy.enabled
+            || !may_eject
+            || self.is_ejected(now)
+            || self.consecutive_failures < policy.consecutive_failures.get()
+        {
+            return None;
+        }
+        self.ejections += 1;
+        let length = policy
+            .base_ejection
+            .saturating_mul(self.ejections)
+            .min(policy.max_ejection);
+        self.ejected_until = Some(now + length);
+        Some(Ejection::Ejected {
+            for_: length,
+            failures: self.consecutive_failures,
+        })
     }
 }
 
-impl<S, D: Discovery, P: Policy> Balance<S, D, P> {
-    fn pick<B>(&self, request: &Request<B>) -> Result<Endpoint, Error> {
-        let target = request
-            .extensions()
-            .get::<Target>()
-            .ok_or(Error::NoTarget)?;
-        let endpoints = match self.discovery.resolve(&target.service) {
-            Resolution::Unknown => return Err(Error::UnknownService(target.service.clone())),
-            Resolution::Endpoints(endpoints) => endpoints,
-        };
-        let index = self.policy.pick(&target.service, &endpoints);
-        endpoints
-            .get(index)
-            .or_else(|| endpoints.first())
-            .cloned()
-            .ok_or_else(|| Error::NoHealthyInstance(target.service.clone()))
+/// How many of `total` instances may be ejected at once: `max_ejected_percent`, but at least one
+/// when there are two or more (a percentage of two would otherwise round down to nothing).
+pub fn max_ejected(policy: &OutlierPolicy, total: usize) -> usize {
+    if total < 2 || policy.max_ejected_percent == 0 {
+        return 0;
+    }
+    (total * policy.max_ejected_percent as usize / 100).clamp(1, total - 1)
+}
+
+/// Picks among `candidates` (indices into `stats`, never empty) by `policy`. `turn` is the
+/// round-robin counter of the callee.
+pub fn pick(
+    policy: LoadBalancer,
+    candidates: &[usize],
+    stats: &[&EndpointStats],
+    turn: &mut usize,
+    now: Instant,
+) -> usize {
+    match (policy, candidates.len()) {
+        (_, 0 | 1) => candidates.first().copied().unwrap_or(0),
+        (LoadBalancer::RoundRobin, n) => {
+            *turn = turn.wrapping_add(1);
+            candidates[*turn % n]
+        }
+        (LoadBalancer::P2cEwma, n) => {
+            let a = fastrand::usize(0..n);
+            // A second draw from the others, so the two are always distinct.
+            let b = (a + 1 + fastrand::usize(0..n - 1)) % n;
+            let (a, b) = (candidates[a], candidates[b]);
+            if stats[b].cost(now) < stats[a].cost(now) {
+                b
+            } else {
+                a
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
+    use std::num::NonZeroU32;
 
-    fn endpoints(n: u16) -> Vec<Endpoint> {
-        (1..=n)
-            .map(|i| Endpoint {
-                instance: format!("svc-{i}").into(),
-                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
-            })
-            .collect()
+    #[test]
+    fn peak_ewma_jumps_up_and_decays_down() {
+        let t0 = Instant::now();
+        let mut stats = EndpointStats::new(t0);
+        stats.observe(Duration::from_millis(100), t0);
+        assert!((stats.cost(t0) - 100e6).abs() < 1.0);
+        // A fast answer a second later only pulls the estimate down part of the way.
+        let t1 = t0 + Duration::from_secs(1);
+        stats.observe(Duration::from_millis(1), t1);
+        let cost = stats.cost(t1);
+        assert!(cost > 50e6 && cost < 100e6, "{cost}");
+        // Calls in flight make an instance look proportionally busier.
+        stats.in_flight = 3;
+        assert!((stats.cost(t1) - 4.0 * cost).abs() < 1.0);
+        // Left alone, the estimate decays so the instance is tried again.
+        assert!(stats.cost(t1 + Duration::from_secs(60)) < cost / 100.0);
     }
 
     #[test]
-    fn round_robin_cycles_per_service() {
-        let rr = RoundRobin::new();
-        let three = endpoints(3);
-        let two = endpoints(2);
-        let mut a = Vec::new();
-        let mut b = Vec::new();
-        for _ in 0..6 {
-            a.push(rr.pick("a", &three));
-            b.push(rr.pick("b", &two));
+    fn p2c_prefers_the_cheaper_of_two() {
+        let t0 = Instant::now();
+        let fast = EndpointStats::new(t0);
+        let mut slow = EndpointStats::new(t0);
+        slow.observe(Duration::from_millis(200), t0);
+        let stats = [&slow, &fast];
+        let mut turn = 0;
+        for _ in 0..100 {
+            assert_eq!(
+                pick(LoadBalancer::P2cEwma, &[0, 1], &stats, &mut turn, t0),
+                1
+            );
         }
-        assert_eq!(a, [0, 1, 2, 0, 1, 2]);
-        assert_eq!(b, [0, 1, 0, 1, 0, 1]);
-        assert_eq!(rr.pick("c", &endpoints(1)), 0);
+        let picks: Vec<_> = (0..4)
+            .map(|_| pick(LoadBalancer::RoundRobin, &[0, 1], &stats, &mut turn, t0))
+            .collect();
+        assert_eq!(picks, [1, 0, 1, 0]);
+    }
+
+    #[test]
+    fn ejections_grow_and_expire() {
+        let t0 = Instant::now();
+        let policy = OutlierPolicy {
+            consecutive_failures: NonZeroU32::new(2).unwrap(),
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(25),
+            ..OutlierPolicy::default()
+        };
+        let mut stats = EndpointStats::new(t0);
+        assert_eq!(stats.outcome(true, &policy, true, t0), None);
+        assert_eq!(
+            stats.outcome(true, &policy, true, t0),
+            Some(Ejection::Ejected {
+                for_: Duration::from_secs(10),
+                failures: 2
+            })
+        );
+        assert!(stats.is_ejected(t0 + Duration::from_secs(9)));
+        let t10 = t0 + Duration::from_secs(10);
+        assert_eq!(stats.expire(t10), Some(Ejection::Returned));
+        stats.outcome(true, &policy, true, t10);
+        let second = stats.outcome(true, &policy, true, t10);
+        assert_eq!(
+            second,
+            Some(Ejection::Ejected {
+                for_: Duration::from_secs(20),
+                failures: 2
+            })
+        );
+        let t30 = t10 + Duration::from_secs(20);
+        stats.expire(t30);
+        stats.outcome(true, &policy, true, t30);
+        let third = stats.outcome(true, &policy, true, t30);
+        assert!(
+            matches!(third, Some(Ejection::Ejected { for_, .. }) if for_ == Duration::from_secs(25))
+        );
+        // Not when the cap on ejected instances is reached.
+        let mut other = EndpointStats::new(t0);
+        other.outcome(true, &policy, false, t0);
+        assert_eq!(other.outcome(true, &policy, false, t0), None);
+    }
+
+    #[test]
+    fn at_least_one_of_two_may_be_ejected() {
+        let policy = OutlierPolicy::default();
+        assert_eq!(max_ejected(&policy, 1), 0);
+        assert_eq!(max_ejected(&policy, 2), 1);
+        assert_eq!(max_ejected(&policy, 10), 5);
+        let all = OutlierPolicy {
+            max_ejected_percent: 100,
+            ..policy
+        };
+        assert_eq!(max_ejected(&all, 3), 2, "one instance always stays");
     }
 }

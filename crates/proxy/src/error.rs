@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
 
@@ -45,6 +46,8 @@ pub enum Error {
         instance: Arc<str>,
         /// Short and fixed, e.g. "connection refused"; the full error goes to the log only.
         reason: &'static str,
+        /// No connection was made, so the instance never saw the request.
+        connect: bool,
     },
     /// The instance did not accept a connection within the connect timeout.
     #[error("upstream `{service}` instance `{instance}` did not accept a connection in time")]
@@ -52,9 +55,40 @@ pub enum Error {
         service: Arc<str>,
         instance: Arc<str>,
     },
+    /// No answer within the callee's per-try `timeout`.
+    #[error("`{service}` did not answer within {}", humantime::format_duration(*after))]
+    Timeout { service: Arc<str>, after: Duration },
+    /// The caller's breaker for the callee is open: the call was not made.
+    #[error(
+        "circuit breaker `{service}` of `{caller}` is open: calls fail fast for {}",
+        humantime::format_duration(Duration::from_secs(retry_in.as_secs().max(1)))
+    )]
+    BreakerOpen {
+        service: Arc<str>,
+        caller: Arc<str>,
+        retry_in: Duration,
+    },
+    /// Too many calls to the callee are in flight and waiting already.
+    #[error(
+        "bulkhead of `{service}` is full: {max_concurrent} calls in flight and {max_queue} waiting"
+    )]
+    BulkheadFull {
+        service: Arc<str>,
+        max_concurrent: u32,
+        max_queue: u32,
+    },
 }
 
 impl Error {
+    /// True when the instance cannot have seen the request, so sending it again is safe
+    /// whatever its method.
+    pub fn never_sent(&self) -> bool {
+        matches!(
+            self,
+            Error::ConnectTimeout { .. } | Error::UpstreamFailed { connect: true, .. }
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Error::NoRoute { .. } => StatusCode::NOT_FOUND,
@@ -63,8 +97,10 @@ impl Error {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::NoTarget | Error::InvalidRewrite => StatusCode::INTERNAL_SERVER_ERROR,
             Error::UnknownService(_) | Error::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
-            Error::NoHealthyInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::NoHealthyInstance(_)
+            | Error::BreakerOpen { .. }
+            | Error::BulkheadFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ConnectTimeout { .. } | Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -95,6 +131,11 @@ impl Error {
                 "urn:flotilla:problem:upstream-timeout",
                 "Upstream timed out",
             ),
+            Error::Timeout { .. } => ("urn:flotilla:problem:timeout", "Timed out"),
+            Error::BreakerOpen { .. } => {
+                ("urn:flotilla:problem:breaker-open", "Circuit breaker open")
+            }
+            Error::BulkheadFull { .. } => ("urn:flotilla:problem:bulkhead-full", "Bulkhead full"),
         }
     }
 
@@ -104,10 +145,16 @@ impl Error {
         let mut response = build(kind, self.status(), title, &self.to_string(), request_id);
         match self {
             // Nothing is healthy right now, but instances come back within a health interval.
-            Error::NoHealthyInstance(_) => {
+            Error::NoHealthyInstance(_) | Error::BulkheadFull { .. } => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Error::BreakerOpen { retry_in, .. } => {
+                let seconds = retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
             }
             // RFC 9110 requires `allow` on a 405.
             Error::MethodNotAllowed { allow, .. } => {

@@ -15,9 +15,9 @@
 //! below the rescue layer is a typed [`Error`] that becomes an RFC 7807 [`problem`] response carrying
 //! the request's `x-request-id`.
 //!
-//! Resilience layers (timeouts, retries, breakers) and other balancing policies (P2C over
-//! peak-EWMA) slot into the stack next to [`balance::BalanceLayer`]; a policy is a
-//! [`balance::Policy`].
+//! The callee's resilience policy — deadline, retries within a budget, per-try timeout, circuit
+//! breaker, bulkhead, P2C over peak-EWMA with outlier ejection, injected faults — is one layer,
+//! [`resilience::ResilienceLayer`], right above the upstream client.
 
 pub mod balance;
 mod edge;
@@ -28,6 +28,7 @@ mod hop;
 mod problem;
 mod request_id;
 mod rescue;
+pub mod resilience;
 mod rewrite;
 mod serve;
 mod upstream;
@@ -38,6 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flotilla_manifest::Fallback;
 use flotilla_registry::Discovery;
 use http::{Request, Response};
 use tower::{Service, ServiceBuilder};
@@ -51,6 +53,7 @@ pub use hop::{HopByHop, HopByHopLayer};
 pub use problem::{PROBLEM_JSON, problem};
 pub use request_id::{RequestId, RequestIdLayer, X_REQUEST_ID};
 pub use rescue::{Rescue, RescueLayer};
+pub use resilience::{BreakerEvent, BreakerState, BreakerView, Faults, Policies, Resilience};
 pub use rewrite::{Rewrite, RewriteLayer, rewrite_path};
 pub use serve::{DEFAULT_DRAIN_TIMEOUT, serve_connections};
 pub use upstream::Upstream;
@@ -74,6 +77,10 @@ pub struct Target {
     /// [`Target::rewrite`] (or removed when there is none).
     pub strip_prefix: Option<Arc<str>>,
     pub rewrite: Option<Arc<str>>,
+    /// The route allows retrying POST and PATCH too.
+    pub retry_non_idempotent: bool,
+    /// The route's answer while the callee's breaker is open.
+    pub fallback: Option<Arc<Fallback>>,
 }
 
 impl Target {
@@ -83,6 +90,8 @@ impl Target {
             service,
             strip_prefix: None,
             rewrite: None,
+            retry_non_idempotent: false,
+            fallback: None,
         }
     }
 }
@@ -132,7 +141,7 @@ impl ProxySettings {
 }
 
 /// The stack with the target set by the caller: requests must carry a [`Target`] extension
-/// (one without gets a 500 problem).
+/// (one without gets a 500 problem). Every callee gets the default policy.
 pub fn stack<D, B>(
     discovery: Arc<D>,
     settings: ProxySettings,
@@ -146,13 +155,18 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    stack_with_edge(discovery, settings, PresetTarget)
+    let resilience =
+        resilience::ResilienceLayer::new(discovery, Resilience::default(), Arc::from("gateway"));
+    stack_with_edge(resilience, settings, PresetTarget)
 }
 
 /// The shared stack behind an edge. Returns a cheap-to-clone service that never fails: every
 /// error becomes a problem+json response.
+///
+/// `resilience` carries the discovery, the policies and the caller's breakers; stacks that share
+/// one (the gateway's threads) share its breakers.
 pub fn stack_with_edge<D, E, B>(
-    discovery: Arc<D>,
+    resilience: resilience::ResilienceLayer<D>,
     settings: ProxySettings,
     edge: E,
 ) -> impl Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible, Future: Send + 'static>
@@ -183,14 +197,10 @@ where
         .option_layer(settings.forwarded.then(ForwardedLayer::new))
         // Once per request, not per attempt: a later retry layer below re-sends the rewritten path.
         .layer(RewriteLayer::new())
-        // Resilience layers (timeout, retry budget, breaker) go here, around the balancer, so
-        // that a retry picks an instance afresh.
-        //
-        // One healthy instance per attempt; the policy is pluggable (round-robin today).
-        .layer(balance::BalanceLayer::new(
-            discovery,
-            balance::RoundRobin::new(),
-        ))
+        // The callee's policy: deadline, retries, breaker, bulkhead, instance choice, faults.
+        // Below the rewrite, so a retry re-sends the rewritten request; right above the client,
+        // so each try picks an instance afresh.
+        .layer(resilience)
         // Pooled keep-alive HTTP/1.1 to the picked instance, bodies streamed both ways.
         .service(Upstream::new(&settings))
 }

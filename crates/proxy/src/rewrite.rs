@@ -181,6 +181,7 @@ mod tests {
             service: "catalog".into(),
             strip_prefix: Some("/api/v1/products".into()),
             rewrite: Some("/products".into()),
+            ..Target::service("catalog".into())
         });
         apply(&mut request).expect("rewritten");
         assert_eq!(

@@ -217,6 +217,7 @@ fn failure(error: &legacy::Error, service: &Arc<str>, instance: &Arc<str>) -> Er
         } else {
             "request failed"
         }),
+        connect: error.is_connect(),
     }
 }
 

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use flotilla_proxy::Resilience;
+use flotilla_proxy::resilience::ResilienceLayer;
 use flotilla_proxy::{
     ClientAddr, HopByHopLayer, ProxyBody, ProxySettings, RequestIdLayer, Target, X_REQUEST_ID,
 };
@@ -255,12 +257,17 @@ fn describe(name: &str, request: &Request<Incoming>) -> String {
     text
 }
 
+/// The resilience layer with default policies, calling as `gateway`.
+fn layer<D: Discovery>(discovery: D) -> ResilienceLayer<D> {
+    ResilienceLayer::new(Arc::new(discovery), Resilience::default(), "gateway".into())
+}
+
 /// Serves `stack` on loopback with the shared accept loop, as the gateway does.
 async fn serve_stack<D: Discovery>(discovery: D) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let stack = flotilla_proxy::stack_with_edge(
-        Arc::new(discovery),
+        layer(discovery),
         ProxySettings::gateway(),
         OneService("svc"),
     );
@@ -469,7 +476,7 @@ async fn drain_timeout_closes_what_is_still_in_flight() {
     let proxy = listener.local_addr().expect("addr");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stack = flotilla_proxy::stack_with_edge(
-        Arc::new(Fixed::default().with("svc", &[slow])),
+        layer(Fixed::default().with("svc", &[slow])),
         ProxySettings::gateway(),
         OneService("svc"),
     );

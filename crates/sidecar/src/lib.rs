@@ -4,14 +4,16 @@
 //! `HTTP_PROXY` the client sends the request in absolute form (`GET http://inventory/stock`) to
 //! the sidecar, which reads the host name as the service to call ([`HostEdge`]) and sends the
 //! request through the same [`flotilla_proxy`] stack as the gateway: request id, hop-by-hop
-//! stripping, round-robin over the healthy instances, pooled upstream connections, problem+json
-//! errors. It adds no `x-forwarded-*` headers (the traffic is internal) and rewrites no paths.
+//! stripping, the callee's policy (deadline, retries within a budget, timeout, circuit breaker,
+//! bulkhead, P2C over peak-EWMA with outlier ejection, injected faults), pooled upstream
+//! connections, problem+json errors. It adds no `x-forwarded-*` headers (the traffic is internal) and rewrites no paths.
 //! [`serve`] runs it on the instance's listener until shutdown.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use flotilla_proxy::{Edge, Error, ProxySettings, Target};
+use flotilla_proxy::resilience::ResilienceLayer;
+use flotilla_proxy::{Edge, Error, ProxySettings, Resilience, Target};
 use flotilla_registry::Discovery;
 use http::{Method, Request, header};
 use tokio::net::TcpListener;
@@ -114,15 +116,19 @@ fn strip_port(host: &str) -> &str {
 
 /// Serves the sidecar of `caller` (a service instance, e.g. `orders-2`) on `listener` until
 /// `shutdown` is cancelled, then gives in-flight calls [`flotilla_proxy::DEFAULT_DRAIN_TIMEOUT`].
+///
+/// Calls get the callee's policy from `resilience`; the breakers are the caller's own.
 pub async fn serve<D: Discovery>(
     listener: TcpListener,
     caller: Arc<str>,
     discovery: Arc<D>,
+    resilience: Resilience,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::debug!(caller = &*caller, addr = ?listener.local_addr().ok(), "sidecar serving");
+    let layer = ResilienceLayer::new(discovery, resilience, caller.clone());
     let stack =
-        flotilla_proxy::stack_with_edge(discovery, ProxySettings::sidecar(), HostEdge::new(caller));
+        flotilla_proxy::stack_with_edge(layer, ProxySettings::sidecar(), HostEdge::new(caller));
     flotilla_proxy::serve_connections(
         listener,
         stack,

@@ -50,6 +50,7 @@ async fn sidecar() -> SocketAddr {
         listener,
         "orders-1".into(),
         Arc::new(registry),
+        Default::default(),
         CancellationToken::new(),
     ));
     addr

@@ -83,6 +83,7 @@ fn service(name: &str, run: &[&str]) -> Service {
             crash_loop_window: Duration::from_secs(10),
             stop_grace: Duration::from_secs(2),
         },
+        policy: Default::default(),
         env: BTreeMap::new(),
         depends_on: Vec::new(),
     }

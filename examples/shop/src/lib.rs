@@ -3,7 +3,10 @@
 //! Every service honours the same process contract — serve on `127.0.0.1:$PORT`, keep state under
 //! `$FLOTILLA_DATA_DIR`, answer `/healthz`, log one line per request, stop cleanly on SIGTERM — and
 //! the same error shape (RFC 7807 problem+json), so the four binaries only hold their own logic.
+//! A service that calls others does so through a [`Dependency`] each, which forwards the tracing
+//! headers, bounds every call in time and turns failures into problems naming the dependency.
 
+mod client;
 mod db;
 mod problem;
 mod server;
@@ -16,6 +19,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+pub use client::{CallError, Dependency, trace_headers};
 pub use db::{Db, data_dir, open_db};
 pub use problem::{JsonBody, PathParam, Problem};
 pub use server::serve;

@@ -1,37 +1,39 @@
-//! orders: takes orders and prices them through the catalog service.
+//! orders: takes orders through the other services, synchronously: prices every item at the
+//! catalog, reserves the stock at inventory, authorizes the payment at payments, creates the
+//! shipment at shipping, and only then stores the order as confirmed. When a step fails, the
+//! steps already done are undone in reverse (best effort) and nothing is stored.
+//!
+//! Each step and its compensation is a small function of its own, so that the flow can move to
+//! the saga coordinator as it is.
 
 use std::collections::{BTreeSet, HashMap};
 use std::env;
-use std::error::Error as _;
+use std::fmt;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use flotilla_shop::{
-    BoxError, Db, JsonBody, PathParam, Problem, exit_code, located, new_id, now_rfc3339,
-    serialize_cents, serve, to_cents,
+    BoxError, CallError, Db, Dependency, JsonBody, PathParam, Problem, exit_code, from_cents,
+    located, new_id, now_rfc3339, serialize_cents, serve, to_cents, trace_headers,
 };
-use reqwest::Url;
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio::task::JoinSet;
 
 const SERVICE: &str = "orders";
 
-/// Through the sidecar named in `HTTP_PROXY`, a service is reached by its name alone.
-const DEFAULT_CATALOG_URL: &str = "http://catalog";
-
-const CATALOG_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Tracing headers passed on to the catalog so that one request can be followed across services.
-const FORWARDED: [HeaderName; 2] = [
-    HeaderName::from_static("x-request-id"),
-    HeaderName::from_static("traceparent"),
-];
+/// How long one call to another service may take, body included, unless `DEPENDENCY_TIMEOUT`
+/// says otherwise. An order makes at most seven rounds of calls in a row (the concurrent price
+/// lookups, three steps, up to three compensations), so it is answered within seven of these.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 const MAX_CUSTOMER_LEN: usize = 200;
 const MAX_ITEMS: usize = 100;
@@ -39,7 +41,7 @@ const MAX_QTY: i64 = 1000;
 const MAX_SKU_LEN: usize = 64;
 const LIST_LIMIT: i64 = 100;
 
-const PENDING: &str = "pending";
+const CONFIRMED: &str = "confirmed";
 
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS orders (
@@ -66,15 +68,53 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> Result<(), BoxError> {
-    let catalog = Catalog::from_env()?;
+    let deps = Arc::new(Deps::from_env()?);
     let db = Db::open("orders.db", SCHEMA)?;
-    serve(SERVICE, router(App { db, catalog })).await
+    serve(SERVICE, router(App { db, deps })).await
 }
 
 #[derive(Clone)]
 struct App {
     db: Db,
-    catalog: Catalog,
+    deps: Arc<Deps>,
+}
+
+/// The services an order goes through.
+struct Deps {
+    catalog: Dependency,
+    inventory: Dependency,
+    payments: Dependency,
+    shipping: Dependency,
+}
+
+impl Deps {
+    /// Each is reached as `http://<name>` through the sidecar, unless `<NAME>_URL` names another
+    /// base URL (tests point them at services they started).
+    fn from_env() -> Result<Self, BoxError> {
+        let timeout = timeout_from_env()?;
+        Ok(Self {
+            catalog: Dependency::from_env("catalog", "CATALOG_URL", timeout)?,
+            inventory: Dependency::from_env("inventory", "INVENTORY_URL", timeout)?,
+            payments: Dependency::from_env("payments", "PAYMENTS_URL", timeout)?,
+            shipping: Dependency::from_env("shipping", "SHIPPING_URL", timeout)?,
+        })
+    }
+}
+
+fn timeout_from_env() -> Result<Duration, BoxError> {
+    let Some(raw) = env::var("DEPENDENCY_TIMEOUT")
+        .ok()
+        .filter(|raw| !raw.trim().is_empty())
+    else {
+        return Ok(DEFAULT_TIMEOUT);
+    };
+    humantime::parse_duration(raw.trim())
+        .ok()
+        .filter(|timeout| !timeout.is_zero())
+        .ok_or_else(|| {
+            format!("DEPENDENCY_TIMEOUT must be a positive duration such as 10s, not {raw:?}")
+                .into()
+        })
 }
 
 fn router(app: App) -> Router {
@@ -115,15 +155,20 @@ struct OrderItem {
     price_cents: i64,
 }
 
-/// 201 with the new order, priced item by item by the catalog, and its `Location`.
+/// 201 with the confirmed order and its `Location`, once every service has done its part.
+///
+/// Failures are problems: 422 for an unknown SKU, 409 when stock is short, 402 when the payment
+/// is declined, 503 when a service cannot answer (502 when its answer is unusable), each naming
+/// the service; nothing is stored then, and what was done elsewhere is undone.
 async fn create_order(
     State(app): State<App>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<NewOrder>,
 ) -> Result<Response, Problem> {
     validate(&req)?;
+    let trace = trace_headers(&headers);
     let skus = req.items.iter().map(|item| item.sku.clone()).collect();
-    let prices = app.catalog.prices(skus, forwarded(&headers)).await?;
+    let prices = prices(&app.deps.catalog, skus, &trace).await?;
 
     let items = req
         .items
@@ -145,12 +190,143 @@ async fn create_order(
         customer: req.customer.trim().to_owned(),
         items,
         total_cents,
-        status: PENDING.to_owned(),
+        status: CONFIRMED.to_owned(),
         created_at: now_rfc3339(),
     };
-    let order = app.db.call(move |conn| insert_order(conn, order)).await?;
+    // From the first reservation on, the order runs in a task of its own: were the client to hang
+    // up, the handler would be dropped mid-way and leave stock held or a payment authorized. The
+    // handler still awaits it, so a graceful stop waits for it too.
+    let order = tokio::spawn(async move { take(&app, order, &trace).await })
+        .await
+        .unwrap_or_else(|err| {
+            eprintln!("order task failed: {err}");
+            Err(Problem::internal())
+        })?;
     let location = format!("/orders/{}", order.id);
     Ok(located(StatusCode::CREATED, location, order))
+}
+
+/// A step of an order that is done, and how to undo it.
+#[derive(Debug)]
+enum Done {
+    Reserved { reservation: String },
+    Paid { payment: String },
+    Shipped { shipment: String },
+}
+
+impl fmt::Display for Done {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Done::Reserved { reservation } => write!(f, "reservation {reservation}"),
+            Done::Paid { payment } => write!(f, "payment {payment}"),
+            Done::Shipped { shipment } => write!(f, "shipment {shipment}"),
+        }
+    }
+}
+
+/// The resource a step created elsewhere; only its id matters here.
+#[derive(Debug, Deserialize)]
+struct Created {
+    id: String,
+}
+
+/// Runs the steps, then stores the order; on any failure, undoes what was done and returns the
+/// failure.
+async fn take(app: &App, order: Order, trace: &HeaderMap) -> Result<Order, Problem> {
+    let id = order.id.clone();
+    let mut done = Vec::new();
+    let outcome = steps(app, order, trace, &mut done).await;
+    if let Err(problem) = &outcome {
+        if !done.is_empty() {
+            eprintln!("order {id} failed ({problem}); undoing what was done");
+        }
+        undo(&app.deps, &id, done, trace).await;
+    }
+    outcome
+}
+
+async fn steps(
+    app: &App,
+    order: Order,
+    trace: &HeaderMap,
+    done: &mut Vec<Done>,
+) -> Result<Order, Problem> {
+    let reservation = reserve(&app.deps.inventory, &order, trace).await?;
+    done.push(Done::Reserved { reservation });
+    let payment = authorize(&app.deps.payments, &order, trace).await?;
+    done.push(Done::Paid { payment });
+    let shipment = ship(&app.deps.shipping, &order, trace).await?;
+    done.push(Done::Shipped { shipment });
+    app.db.call(move |conn| insert_order(conn, order)).await
+}
+
+/// Holds the stock of every item; 409 when any is short and 422 for a SKU inventory does not
+/// stock pass on to the client. Idempotent per order.
+async fn reserve(
+    inventory: &Dependency,
+    order: &Order,
+    trace: &HeaderMap,
+) -> Result<String, Problem> {
+    let items: Vec<_> = order
+        .items
+        .iter()
+        .map(|item| json!({ "sku": item.sku, "qty": item.qty }))
+        .collect();
+    let body = json!({ "order_id": order.id, "items": items });
+    let created: Created = inventory
+        .post_json(&["reservations"], &body, trace)
+        .await
+        .map_err(|err| err.passing(&[StatusCode::CONFLICT, StatusCode::UNPROCESSABLE_ENTITY]))?;
+    Ok(created.id)
+}
+
+/// Authorizes the total; 402 when declined. Idempotent per order.
+async fn authorize(
+    payments: &Dependency,
+    order: &Order,
+    trace: &HeaderMap,
+) -> Result<String, Problem> {
+    let body = json!({ "order_id": order.id, "amount": from_cents(order.total_cents) });
+    let created: Created = payments
+        .post_json(&["payments"], &body, trace)
+        .await
+        .map_err(|err| err.passing(&[StatusCode::PAYMENT_REQUIRED]))?;
+    Ok(created.id)
+}
+
+/// Creates the shipment. Idempotent per order.
+async fn ship(shipping: &Dependency, order: &Order, trace: &HeaderMap) -> Result<String, Problem> {
+    let body = json!({ "order_id": order.id });
+    let created: Created = shipping.post_json(&["shipments"], &body, trace).await?;
+    Ok(created.id)
+}
+
+/// Undoes `done` in reverse, each step independently of the others' outcome. A compensation
+/// that fails is logged, never answered: the client's answer is about the step that failed.
+///
+/// A step whose outcome is unknown (it timed out) is not in `done`, so what it may have created
+/// stays; the saga coordinator will retry such steps by their idempotent request.
+async fn undo(deps: &Deps, order_id: &str, done: Vec<Done>, trace: &HeaderMap) {
+    for step in done.into_iter().rev() {
+        let outcome: Result<IgnoredAny, CallError> = match &step {
+            Done::Reserved { reservation } => {
+                deps.inventory
+                    .delete(&["reservations", reservation], trace)
+                    .await
+            }
+            Done::Paid { payment } => {
+                deps.payments
+                    .post(&["payments", payment, "refund"], trace)
+                    .await
+            }
+            Done::Shipped { shipment } => {
+                deps.shipping.delete(&["shipments", shipment], trace).await
+            }
+        };
+        if let Err(err) = outcome {
+            eprintln!("order {order_id}: could not undo {step}, left for repair: {err}");
+        }
+    }
 }
 
 fn validate(req: &NewOrder) -> Result<(), Problem> {
@@ -194,13 +370,6 @@ fn validate(req: &NewOrder) -> Result<(), Problem> {
         }
     }
     Ok(())
-}
-
-fn forwarded(incoming: &HeaderMap) -> HeaderMap {
-    FORWARDED
-        .iter()
-        .filter_map(|name| Some((name.clone(), incoming.get(name)?.clone())))
-        .collect()
 }
 
 fn insert_order(conn: &mut Connection, order: Order) -> Result<Order, Problem> {
@@ -297,146 +466,66 @@ fn with_items(conn: &Connection, mut order: Order) -> rusqlite::Result<Order> {
     Ok(order)
 }
 
-/// The catalog service, as seen from here.
-#[derive(Clone)]
-struct Catalog {
-    client: reqwest::Client,
-    base: Url,
-}
-
 #[derive(Debug, Deserialize)]
 struct Product {
     price: f64,
 }
 
-impl Catalog {
-    /// Reads `CATALOG_URL`. The client keeps reqwest's default of honouring `HTTP_PROXY`, which is
-    /// how calls to `http://catalog` reach the sidecar.
-    fn from_env() -> Result<Self, BoxError> {
-        let raw = env::var("CATALOG_URL")
-            .ok()
-            .filter(|url| !url.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_CATALOG_URL.to_owned());
-        let base = Url::parse(raw.trim())
-            .ok()
-            .filter(|url| url.scheme() == "http" && !url.cannot_be_a_base())
-            .ok_or_else(|| format!("CATALOG_URL must be an http:// URL, not {raw:?}"))?;
-        let client = reqwest::Client::builder()
-            .timeout(CATALOG_TIMEOUT)
-            .build()?;
-        Ok(Self { client, base })
+/// The price in cents of each SKU, looked up concurrently. Unknown SKUs are a 422 naming them
+/// all; a catalog that cannot answer is a 503 or 502, never a 500.
+async fn prices(
+    catalog: &Dependency,
+    skus: BTreeSet<String>,
+    trace: &HeaderMap,
+) -> Result<HashMap<String, i64>, Problem> {
+    let mut lookups = JoinSet::new();
+    for sku in skus {
+        let catalog = catalog.clone();
+        let trace = trace.clone();
+        lookups.spawn(async move {
+            let price = price(&catalog, &sku, &trace).await;
+            (sku, price)
+        });
     }
-
-    fn product_url(&self, sku: &str) -> Url {
-        let mut url = self.base.clone();
-        // `from_env` only accepts URLs that can be a base, so the segments are always there.
-        if let Ok(mut segments) = url.path_segments_mut() {
-            segments.pop_if_empty().push("products").push(sku);
-        }
-        url
-    }
-
-    /// The price in cents of each SKU, looked up concurrently. Unknown SKUs are a 422 naming
-    /// them all; a catalog that cannot answer is a 502 or 503, never a 500.
-    async fn prices(
-        &self,
-        skus: BTreeSet<String>,
-        headers: HeaderMap,
-    ) -> Result<HashMap<String, i64>, Problem> {
-        let mut lookups = JoinSet::new();
-        for sku in skus {
-            let catalog = self.clone();
-            let headers = headers.clone();
-            lookups.spawn(async move {
-                let price = catalog.price(&sku, headers).await;
-                (sku, price)
-            });
-        }
-        let mut prices = HashMap::new();
-        let mut unknown = BTreeSet::new();
-        while let Some(joined) = lookups.join_next().await {
-            let (sku, price) = joined.map_err(|err| {
-                eprintln!("catalog lookup task failed: {err}");
-                Problem::internal()
-            })?;
-            // Returning early drops the set, which cancels the lookups still running.
-            match price? {
-                Some(cents) => {
-                    prices.insert(sku, cents);
-                }
-                None => {
-                    unknown.insert(sku);
-                }
+    let mut prices = HashMap::new();
+    let mut unknown = BTreeSet::new();
+    while let Some(joined) = lookups.join_next().await {
+        let (sku, price) = joined.map_err(|err| {
+            eprintln!("catalog lookup task failed: {err}");
+            Problem::internal()
+        })?;
+        // Returning early drops the set, which cancels the lookups still running.
+        match price? {
+            Some(cents) => {
+                prices.insert(sku, cents);
             }
-        }
-        if !unknown.is_empty() {
-            let unknown: Vec<_> = unknown.into_iter().collect();
-            return Err(Problem::unprocessable(format!(
-                "unknown sku: {}",
-                unknown.join(", ")
-            )));
-        }
-        Ok(prices)
-    }
-
-    /// `Ok(None)` when the catalog does not know the SKU.
-    async fn price(&self, sku: &str, headers: HeaderMap) -> Result<Option<i64>, Problem> {
-        let url = self.product_url(sku);
-        let response = self
-            .client
-            .get(url.clone())
-            .headers(headers)
-            .send()
-            .await
-            .map_err(|err| {
-                eprintln!("GET {url} failed: {}", error_chain(&err));
-                let why = if err.is_timeout() {
-                    "timed out"
-                } else {
-                    "could not be reached"
-                };
-                unavailable(StatusCode::SERVICE_UNAVAILABLE, why)
-            })?;
-        match response.status() {
-            StatusCode::NOT_FOUND => Ok(None),
-            status if status.is_success() => {
-                let product: Product = response.json().await.map_err(|err| {
-                    eprintln!("GET {url}: unusable product: {}", error_chain(&err));
-                    unavailable(StatusCode::BAD_GATEWAY, "answered with an unusable product")
-                })?;
-                to_cents(product.price).map(Some).ok_or_else(|| {
-                    eprintln!("GET {url}: invalid price {}", product.price);
-                    unavailable(StatusCode::BAD_GATEWAY, "answered with an invalid price")
-                })
-            }
-            status => {
-                eprintln!("GET {url} answered {status}");
-                // The sidecar says 503/504 when no catalog instance can take the call: a retry
-                // may succeed, unlike after a broken answer.
-                let ours = match status {
-                    StatusCode::SERVICE_UNAVAILABLE
-                    | StatusCode::GATEWAY_TIMEOUT
-                    | StatusCode::TOO_MANY_REQUESTS => StatusCode::SERVICE_UNAVAILABLE,
-                    _ => StatusCode::BAD_GATEWAY,
-                };
-                Err(unavailable(ours, &format!("answered {status}")))
+            None => {
+                unknown.insert(sku);
             }
         }
     }
+    if !unknown.is_empty() {
+        let unknown: Vec<_> = unknown.into_iter().collect();
+        return Err(Problem::unprocessable(format!(
+            "unknown sku: {}",
+            unknown.join(", ")
+        )));
+    }
+    Ok(prices)
 }
 
-fn unavailable(status: StatusCode, why: &str) -> Problem {
-    Problem::new(status, format!("catalog unavailable: the catalog {why}"))
-}
-
-/// The error and its causes on one line: reqwest's own message rarely says what went wrong.
-fn error_chain(err: &reqwest::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
+/// `Ok(None)` when the catalog does not know the SKU.
+async fn price(catalog: &Dependency, sku: &str, trace: &HeaderMap) -> Result<Option<i64>, Problem> {
+    let product: Product = match catalog.get(&["products", sku], trace).await {
+        Ok(product) => product,
+        Err(err) if err.refused_with() == Some(StatusCode::NOT_FOUND) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
+    to_cents(product.price).map(Some).ok_or_else(|| {
+        eprintln!("catalog: invalid price {} for {sku}", product.price);
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "catalog unavailable: catalog answered with an invalid price",
+        )
+    })
 }

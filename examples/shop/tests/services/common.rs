@@ -72,6 +72,10 @@ impl Service {
         self.stdout.lock().expect("stdout lines").clone()
     }
 
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().expect("stderr lines").clone()
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub async fn terminate(&mut self) -> ExitStatus {
         let status = Command::new("kill")
