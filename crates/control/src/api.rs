@@ -4,6 +4,11 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+/// `GET /v1/breakers` (one per caller and callee service, and per instance outlier record) and
+/// the body of `PUT /v1/services/{name}/faults`: the data plane's own wire types, so the two
+/// cannot drift apart.
+pub use flotilla_proxy::{BreakerState, BreakerView, Faults};
+
 /// `GET /v1/app`: the running fleet as a whole.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AppInfo {

@@ -1,17 +1,22 @@
-//! The control plane's HTTP API: what `flotilla status`, `logs` and `down` talk to.
+//! The control plane's HTTP API: what `flotilla status`, `logs`, `chaos`, `down` and a separate
+//! `flotilla sidecar` talk to.
 //!
 //! It sits above the roles and sees them only through the [`Fleet`] trait, which the `flotilla`
-//! binary implements over the supervisor, registry and log store. [`router`] builds the axum
+//! binary implements over the supervisor, registry, log store and the data plane's resilience
+//! board and fault table. [`router`] builds the axum
 //! router (tested without sockets), [`serve`] runs it on a listener until shutdown. The wire types
 //! live in [`api`], shared with the CLI. Errors are RFC 7807 problem+json.
 
 pub mod api;
 mod openapi;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +27,7 @@ use serde::Deserialize;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-pub use api::{AppInfo, InstanceView, Phase, ServiceView};
+pub use api::{AppInfo, BreakerState, BreakerView, Faults, InstanceView, Phase, ServiceView};
 
 /// What the control API can see and do; implemented by the process that runs the fleet.
 pub trait Fleet: Send + Sync + 'static {
@@ -32,6 +37,24 @@ pub trait Fleet: Send + Sync + 'static {
     fn follow_logs(&self) -> broadcast::Receiver<Arc<LogRecord>>;
     /// Asks the fleet to stop gracefully; returns at once.
     fn shutdown(&self);
+    /// Every circuit breaker and instance outlier record of the fleet's data plane.
+    fn breakers(&self) -> Vec<BreakerView>;
+    /// The faults in force, by service.
+    fn faults(&self) -> Vec<(String, Faults)>;
+    /// Injects `faults` into every call to `service`, replacing what was there.
+    fn set_faults(&self, service: &str, faults: Faults) -> Result<(), FaultError>;
+    /// Stops injecting faults into `service`; false when none were injected.
+    fn clear_faults(&self, service: &str) -> Result<bool, FaultError>;
+}
+
+/// Why faults could not be set or cleared.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultError {
+    #[error("this app has no service named `{0}`")]
+    UnknownService(String),
+    /// The faults failed [`Faults::validate`]; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The API's routes over a fleet.
@@ -42,6 +65,14 @@ pub fn router(fleet: Arc<dyn Fleet>) -> axum::Router {
         .route("/v1/app", get(app))
         .route("/v1/services", get(services))
         .route("/v1/services/{name}", get(service))
+        .route(
+            "/v1/services/{name}/faults",
+            get(service_faults)
+                .put(set_service_faults)
+                .delete(clear_service_faults),
+        )
+        .route("/v1/breakers", get(breakers))
+        .route("/v1/faults", get(faults))
         .route("/v1/logs", get(logs))
         .route("/v1/shutdown", post(shutdown))
         .fallback(not_found)
@@ -86,12 +117,87 @@ async fn services(State(fleet): State<Arc<dyn Fleet>>) -> Json<Vec<ServiceView>>
 async fn service(State(fleet): State<Arc<dyn Fleet>>, Path(name): Path<String>) -> Response {
     match fleet.services().into_iter().find(|s| s.name == name) {
         Some(found) => Json(found).into_response(),
-        None => problem(
-            StatusCode::NOT_FOUND,
-            "unknown service",
-            &format!("this app has no service named `{name}`"),
-        ),
+        None => unknown_service(name),
     }
+}
+
+async fn breakers(State(fleet): State<Arc<dyn Fleet>>) -> Json<Vec<BreakerView>> {
+    Json(fleet.breakers())
+}
+
+/// An object rather than the trait's list, so a client looks a service up by name.
+async fn faults(State(fleet): State<Arc<dyn Fleet>>) -> Json<BTreeMap<String, Faults>> {
+    Json(fleet.faults().into_iter().collect())
+}
+
+async fn service_faults(State(fleet): State<Arc<dyn Fleet>>, Path(name): Path<String>) -> Response {
+    if let Some((_, faults)) = fleet.faults().into_iter().find(|(s, _)| *s == name) {
+        return Json(faults).into_response();
+    }
+    if fleet.services().iter().any(|s| s.name == name) {
+        no_faults(&name)
+    } else {
+        unknown_service(name)
+    }
+}
+
+async fn set_service_faults(
+    State(fleet): State<Arc<dyn Fleet>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return problem(e.status(), "unreadable body", &e.body_text()),
+    };
+    // Parsed by hand rather than with the `Json` extractor so that a client that forgets the
+    // content type (`curl -d`) is not refused; the rejection still names the offending field.
+    let faults = match Json::<Faults>::from_bytes(&body) {
+        Ok(Json(faults)) => faults,
+        Err(e) => {
+            let title = if e.status() == StatusCode::UNPROCESSABLE_ENTITY {
+                "invalid faults"
+            } else {
+                "malformed JSON"
+            };
+            return problem(e.status(), title, &e.body_text());
+        }
+    };
+    match fleet.set_faults(&name, faults.clone()) {
+        Ok(()) => Json(faults).into_response(),
+        Err(e) => fault_problem(&e),
+    }
+}
+
+async fn clear_service_faults(
+    State(fleet): State<Arc<dyn Fleet>>,
+    Path(name): Path<String>,
+) -> Response {
+    match fleet.clear_faults(&name) {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => no_faults(&name),
+        Err(e) => fault_problem(&e),
+    }
+}
+
+fn no_faults(service: &str) -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "no faults",
+        &format!("no faults are injected into `{service}`"),
+    )
+}
+
+fn unknown_service(name: String) -> Response {
+    fault_problem(&FaultError::UnknownService(name))
+}
+
+fn fault_problem(error: &FaultError) -> Response {
+    let (status, title) = match error {
+        FaultError::UnknownService(_) => (StatusCode::NOT_FOUND, "unknown service"),
+        FaultError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid faults"),
+    };
+    problem(status, title, &error.to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,11 +237,7 @@ async fn logs(
     if let Some(service) = &query.service
         && !fleet.services().iter().any(|s| &s.name == service)
     {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "unknown service",
-            &format!("this app has no service named `{service}`"),
-        );
+        return unknown_service(service.clone());
     }
     if !params.follow {
         return Json(fleet.logs(&query)).into_response();

@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
@@ -110,4 +110,101 @@ fn the_shop_takes_an_order_through_the_gateway() {
         .json()
         .expect("read back after restart");
     assert_eq!(read["id"], id.as_str());
+
+    cascade(&fleet, &api, &sku);
+}
+
+/// Payments hangs: orders keeps answering within its deadline, first with timeouts and then,
+/// once the breaker opens, at once; the catalog keeps its latency; nothing piles up; and when
+/// payments recovers, a probe closes the breaker again.
+fn cascade(fleet: &Fleet, api: &str, sku: &str) {
+    let order = json!({"customer": "cascade", "items": [{"sku": sku, "qty": 1}]});
+    let catalog_before = slowest_of(10, || {
+        assert_eq!(get(&format!("{api}/products")).status(), 200);
+    });
+    let pid = fleet.child.id();
+    let open_files_before = open_files(pid);
+
+    let faults = format!("{}/v1/services/payments/faults", fleet.control);
+    let set = client()
+        .put(&faults)
+        .json(&json!({"delay": "30s"}))
+        .send()
+        .expect("PUT faults");
+    assert_eq!(set.status(), 200, "{}", set.text().unwrap_or_default());
+
+    // Orders answers every call within the payments deadline (2 s) plus its own work.
+    let mut fast_fails = 0;
+    for attempt in 0..30 {
+        let started = Instant::now();
+        let answer = post_json(&format!("{api}/orders"), &order);
+        let took = started.elapsed();
+        assert_eq!(answer.status(), 503, "attempt {attempt}");
+        let problem: Value = answer.json().expect("problem+json");
+        let detail = problem["detail"].as_str().unwrap_or_default().to_owned();
+        assert!(detail.starts_with("payments unavailable"), "{detail}");
+        assert!(took < Duration::from_secs(4), "answered in {took:?}: {detail}");
+        if detail.contains("circuit breaker") {
+            assert!(took < Duration::from_millis(500), "an open breaker fails fast: {took:?}");
+            fast_fails += 1;
+            if fast_fails == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(fast_fails, 3, "the breaker opened within 30 orders");
+    let breakers: Vec<Value> = get(&format!("{}/v1/breakers", fleet.control))
+        .json()
+        .expect("breakers");
+    assert!(
+        breakers.iter().any(|b| b["service"] == "payments"
+            && b["state"] == "open"
+            && b["caller"].as_str().is_some_and(|c| c.starts_with("orders-"))),
+        "{breakers:?}"
+    );
+
+    // The catalog does not notice.
+    let catalog_during = slowest_of(10, || {
+        assert_eq!(get(&format!("{api}/products")).status(), 200);
+    });
+    assert!(
+        catalog_during < catalog_before + Duration::from_millis(200),
+        "catalog slowed from {catalog_before:?} to {catalog_during:?}"
+    );
+    // Timed-out calls do not leave connections behind.
+    let open_files_during = open_files(pid);
+    assert!(
+        open_files_during < open_files_before + 40,
+        "open files grew from {open_files_before} to {open_files_during}"
+    );
+
+    // Payments recovers: after the open timeout a probe goes through and orders succeed again.
+    let cleared = client().delete(&faults).send().expect("DELETE faults");
+    assert_eq!(cleared.status(), 204);
+    wait_until("orders to succeed again", Duration::from_secs(30), || {
+        post_json(&format!("{api}/orders"), &order).status() == 201
+    });
+}
+
+fn slowest_of(times: usize, mut call: impl FnMut()) -> Duration {
+    (0..times)
+        .map(|_| {
+            let started = Instant::now();
+            call();
+            started.elapsed()
+        })
+        .max()
+        .unwrap_or_default()
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
 }

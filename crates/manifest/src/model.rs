@@ -151,7 +151,8 @@ impl Default for RestartSettings {
 
 /// `[services.X.policy]`: the resilience policy every caller applies to calls to one service.
 ///
-/// Failures, for breakers and outlier ejection, are transport errors, timeouts and 5xx answers.
+/// Failures, for breakers and outlier ejection, are transport errors, timeouts and the
+/// `failure_on` answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// `timeout`: per try, until the response headers arrive. Default 15s; more than zero.
@@ -160,6 +161,9 @@ pub struct Policy {
     pub deadline: Duration,
     /// `load_balancer = "p2c-ewma" | "round-robin"`. Default p2c-ewma.
     pub load_balancer: LoadBalancer,
+    /// `failure_on`: the answers that count as failures for the breaker and outlier ejection,
+    /// besides transport errors and timeouts. Default [500, 502, 503, 504]; each 500–599.
+    pub failure_on: Vec<u16>,
     /// `[services.X.policy.retries]`.
     pub retries: RetryPolicy,
     /// `[services.X.policy.breaker]`.
@@ -179,6 +183,7 @@ impl Default for Policy {
             timeout: Duration::from_secs(15),
             deadline: Duration::from_secs(30),
             load_balancer: LoadBalancer::default(),
+            failure_on: vec![500, 502, 503, 504],
             retries: RetryPolicy::default(),
             breaker: BreakerPolicy::default(),
             outlier: OutlierPolicy::default(),

@@ -84,6 +84,7 @@ const POLICY_KEYS: &[&str] = &[
     "timeout",
     "deadline",
     "load_balancer",
+    "failure_on",
     "retries",
     "breaker",
     "outlier",
@@ -835,6 +836,12 @@ impl Checker<'_> {
         {
             policy.load_balancer = balancer;
         }
+        if let Some(statuses) = table
+            .get("failure_on")
+            .and_then(|value| self.statuses(value, "failure_on", "`failure_on = [500, 502, 504]`"))
+        {
+            policy.failure_on = statuses;
+        }
 
         let path = format!("{path}.policy");
         if let Some(table) = self.section(table, &path, "retries", RETRY_KEYS) {
@@ -893,7 +900,10 @@ impl Checker<'_> {
             ("max_backoff", retries.max_backoff),
             "the backoff starts at `backoff` and doubles up to `max_backoff`",
         );
-        if let Some(statuses) = table.get("retry_on").and_then(|value| self.retry_on(value)) {
+        if let Some(statuses) = table
+            .get("retry_on")
+            .and_then(|value| self.statuses(value, "retry_on", "`retry_on = [502, 503, 504]`"))
+        {
             retries.retry_on = statuses;
         }
         self.set_integer(
@@ -912,22 +922,22 @@ impl Checker<'_> {
         retries
     }
 
-    /// `retry_on`: 5xx statuses, each listed once.
-    fn retry_on(&mut self, value: &Value<'_>) -> Option<Vec<u16>> {
-        const EXAMPLE: &str = "`retry_on = [502, 503, 504]`";
+    /// `retry_on`, `failure_on`: 5xx statuses, each listed once.
+    fn statuses(&mut self, value: &Value<'_>, key: &str, example: &str) -> Option<Vec<u16>> {
         let DeValue::Array(items) = value.get_ref() else {
             self.wrong_type(
                 value,
-                "retry_on",
+                key,
                 "an array of status codes",
-                Some(format!("write it like {EXAMPLE}")),
+                Some(format!("write it like {example}")),
             );
             return None;
         };
+        let entry = format!("{key} entry");
         let mut statuses = Vec::with_capacity(items.len());
         for item in items.iter() {
             let Some(status) = self
-                .integer(item, "retry_on entry", 500..=599, EXAMPLE)
+                .integer(item, &entry, 500..=599, example)
                 .and_then(|n| u16::try_from(n).ok())
             else {
                 continue;
@@ -935,7 +945,7 @@ impl Checker<'_> {
             if statuses.contains(&status) {
                 self.error(
                     &item.span(),
-                    format!("`{status}` is listed twice in `retry_on`"),
+                    format!("`{status}` is listed twice in `{key}`"),
                     Some("remove the second entry".into()),
                 );
             } else {

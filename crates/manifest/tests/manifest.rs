@@ -913,6 +913,7 @@ run = "payments"
 timeout = "1s"
 deadline = "3s"
 load_balancer = "round-robin"
+failure_on = [500, 504]
 
 [services.payments.policy.retries]
 attempts = 4
@@ -954,6 +955,7 @@ content_type = "application/json; charset=utf-8"
             timeout: Duration::from_secs(1),
             deadline: Duration::from_secs(3),
             load_balancer: LoadBalancer::RoundRobin,
+            failure_on: vec![500, 504],
             retries: RetryPolicy {
                 attempts: NonZeroU32::new(4).unwrap(),
                 backoff: Duration::ZERO,
@@ -1383,7 +1385,7 @@ fn unknown_keys_in_policy_tables() {
     assert_eq!(
         help(&error),
         "did you mean `timeout`? allowed keys in [services.a.policy] are: timeout, deadline, \
-         load_balancer, retries, breaker, outlier, bulkhead, fallback"
+         load_balancer, failure_on, retries, breaker, outlier, bulkhead, fallback"
     );
     let cases = [
         ("[services.a.policy]", "retry", "retries"),

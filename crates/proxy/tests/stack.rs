@@ -315,20 +315,20 @@ async fn get(client: &TestClient<Empty<Bytes>>, url: String) -> (StatusCode, Hea
 }
 
 #[tokio::test]
-async fn round_robin_alternates_and_headers_reach_upstream() {
+async fn requests_are_balanced_and_headers_reach_upstream() {
     let a = upstream("a").await;
     let b = upstream("b").await;
     let proxy = serve_stack(Fixed::default().with("svc", &[a, b])).await;
     let client = client();
 
-    let mut names = Vec::new();
-    for _ in 0..4 {
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..20 {
         let (status, headers, body) = get(&client, format!("http://{proxy}/hello?x=1")).await;
         assert_eq!(status, StatusCode::OK);
         assert!(headers.contains_key(X_REQUEST_ID));
         let first_line = body.lines().next().unwrap_or_default().to_owned();
         assert!(first_line.ends_with(" /hello?x=1"), "{first_line}");
-        names.push(first_line[..1].to_owned());
+        names.insert(first_line[..1].to_owned());
         // The upstream got the same id the client got back, the original Host and the client.
         let id = headers[X_REQUEST_ID].to_str().expect("ascii");
         assert!(body.contains(&format!("x-request-id: {id}\n")), "{body}");
@@ -336,7 +336,7 @@ async fn round_robin_alternates_and_headers_reach_upstream() {
         assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
         assert!(body.contains("x-forwarded-proto: http\n"), "{body}");
     }
-    assert_eq!(names, ["a", "b", "a", "b"]);
+    assert_eq!(names.len(), 2, "both instances served: {names:?}");
 }
 
 /// A request body of `remaining` bytes in 64 KiB chunks of a repeating pattern, length unknown

@@ -237,23 +237,21 @@ impl<D: Discovery> Shared<D> {
                     try_until,
                 )
                 .await;
-            let (result, instance, failed) = result;
+            let (result, instance) = result;
 
-            let retryable = failed
-                && match &result {
-                    Ok(response) => {
-                        idempotent
-                            && policy
-                                .retries
-                                .retry_on
-                                .contains(&response.status().as_u16())
-                    }
-                    Err(error) => {
-                        let never_sent =
-                            error.downcast_ref::<Error>().is_some_and(Error::never_sent);
-                        never_sent || idempotent
-                    }
-                };
+            let retryable = match &result {
+                Ok(response) => {
+                    idempotent
+                        && policy
+                            .retries
+                            .retry_on
+                            .contains(&response.status().as_u16())
+                }
+                Err(error) => {
+                    let never_sent = error.downcast_ref::<Error>().is_some_and(Error::never_sent);
+                    never_sent || idempotent
+                }
+            };
             if !retryable || last {
                 return result;
             }
@@ -283,8 +281,8 @@ impl<D: Discovery> Shared<D> {
         Err(Error::NoTarget.into())
     }
 
-    /// One try: bulkhead, instance, faults, send, all within `until`. Returns the result, the
-    /// instance tried and whether the try counts as failed.
+    /// One try: bulkhead, instance, faults, send, all within `until`. Returns the result and the
+    /// instance tried.
     #[allow(clippy::too_many_arguments)]
     async fn attempt<S, B>(
         &self,
@@ -295,11 +293,7 @@ impl<D: Discovery> Shared<D> {
         avoid: Option<&str>,
         ticket: super::breaker::Ticket,
         until: Instant,
-    ) -> (
-        Result<Response<ProxyBody>, BoxError>,
-        Option<Arc<str>>,
-        bool,
-    )
+    ) -> (Result<Response<ProxyBody>, BoxError>, Option<Arc<str>>)
     where
         S: Service<Request<B>, Response = Response<ProxyBody>, Error = BoxError>,
     {
@@ -328,7 +322,7 @@ impl<D: Discovery> Shared<D> {
                         after: callee.policy.timeout,
                     },
                 };
-                return (Err(error.into()), None, false);
+                return (Err(error.into()), None);
             }
         };
         let endpoint = callee.pick(endpoints, avoid, Instant::now());
@@ -365,7 +359,10 @@ impl<D: Discovery> Shared<D> {
             }
         };
         let failed = match &result {
-            Ok(response) => response.status().is_server_error(),
+            Ok(response) => callee
+                .policy
+                .failure_on
+                .contains(&response.status().as_u16()),
             Err(_) => true,
         };
         guard.finish(if failed {
@@ -373,7 +370,7 @@ impl<D: Discovery> Shared<D> {
         } else {
             Outcome::Succeeded
         });
-        (result, Some(instance), failed)
+        (result, Some(instance))
     }
 }
 

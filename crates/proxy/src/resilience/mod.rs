@@ -20,7 +20,7 @@ use flotilla_manifest::{Manifest, Policy};
 use serde::{Deserialize, Serialize};
 
 pub use breaker::BreakerState;
-pub use call::{ResilienceLayer, ResilienceService};
+pub use call::{MAX_REPLAY_BODY, ReplayBody, ResilienceLayer, ResilienceService};
 pub(crate) use callee::Callee;
 pub use faults::{FaultTable, Faults};
 
