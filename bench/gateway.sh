@@ -77,7 +77,7 @@ run = "sh -c 'sed s/@PORT@/\$PORT/ $work/upstream/nginx.conf.in > $work/upstream
 health = { path = "/", interval = "1s" }
 TOML
 "$flotilla" up "$work/app" -d >/dev/null
-upstream_port="$("$flotilla" status -C "$work/app" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["port"])')"
+upstream_port="$("$flotilla" status -C "$work/app" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["instances"][0]["port"])')"
 
 proxy_port="$(free_port)"
 cat > "$work/proxy/nginx.conf" <<CONF

@@ -343,12 +343,25 @@ mod tests {
     use axum::http::Request;
     use flotilla_telemetry::{LogStore, Stream};
     use http_body_util::BodyExt;
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
     use tower::ServiceExt;
 
     struct FakeFleet {
         logs: LogStore,
         stopped: AtomicBool,
+        faults: Mutex<BTreeMap<String, Faults>>,
+    }
+
+    impl FakeFleet {
+        fn check(&self, service: &str) -> Result<(), FaultError> {
+            if self.services().iter().any(|s| s.name == service) {
+                Ok(())
+            } else {
+                Err(FaultError::UnknownService(service.into()))
+            }
+        }
     }
 
     impl Fleet for FakeFleet {
@@ -381,12 +394,48 @@ mod tests {
         fn shutdown(&self) {
             self.stopped.store(true, Ordering::SeqCst);
         }
+        fn breakers(&self) -> Vec<BreakerView> {
+            vec![BreakerView {
+                caller: "gateway".into(),
+                service: "orders".into(),
+                instance: None,
+                state: BreakerState::Open,
+                state_for_ms: 1_200,
+                consecutive_failures: 5,
+                window_calls: 9,
+                window_failures: 6,
+                in_flight: 0,
+                times_opened: 1,
+                retry_in_ms: Some(3_800),
+            }]
+        }
+        fn faults(&self) -> Vec<(String, Faults)> {
+            let faults = self.faults.lock().expect("faults");
+            faults.iter().map(|(s, f)| (s.clone(), f.clone())).collect()
+        }
+        fn set_faults(&self, service: &str, faults: Faults) -> Result<(), FaultError> {
+            self.check(service)?;
+            faults.validate().map_err(FaultError::Invalid)?;
+            let mut table = self.faults.lock().expect("faults");
+            table.insert(service.into(), faults);
+            Ok(())
+        }
+        fn clear_faults(&self, service: &str) -> Result<bool, FaultError> {
+            self.check(service)?;
+            Ok(self
+                .faults
+                .lock()
+                .expect("faults")
+                .remove(service)
+                .is_some())
+        }
     }
 
     fn fleet() -> Arc<FakeFleet> {
         let fleet = Arc::new(FakeFleet {
             logs: LogStore::new(100),
             stopped: AtomicBool::new(false),
+            faults: Mutex::default(),
         });
         for (service, line) in [("orders", "one"), ("catalog", "two"), ("orders", "three")] {
             fleet.logs.push(LogRecord {
@@ -401,12 +450,21 @@ mod tests {
     }
 
     async fn call(fleet: Arc<FakeFleet>, method: &str, uri: &str) -> (StatusCode, String, String) {
+        send(fleet, method, uri, "").await
+    }
+
+    async fn send(
+        fleet: Arc<FakeFleet>,
+        method: &str,
+        uri: &str,
+        body: &str,
+    ) -> (StatusCode, String, String) {
         let response = router(fleet)
             .oneshot(
                 Request::builder()
                     .method(method)
                     .uri(uri)
-                    .body(Body::empty())
+                    .body(Body::from(body.to_owned()))
                     .expect("request"),
             )
             .await
@@ -501,8 +559,166 @@ mod tests {
             "/v1/services/{name}",
             "/v1/logs",
             "/v1/shutdown",
+            "/v1/breakers",
+            "/v1/faults",
+            "/v1/services/{name}/faults",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} undocumented");
+        }
+        for method in ["get", "put", "delete"] {
+            assert!(
+                doc["paths"]["/v1/services/{name}/faults"]
+                    .get(method)
+                    .is_some(),
+                "{method} faults undocumented"
+            );
+        }
+        for schema in ["Breaker", "Faults"] {
+            assert!(
+                doc["components"]["schemas"].get(schema).is_some(),
+                "{schema} schema missing"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn breakers_are_listed() {
+        let (status, content_type, body) = call(fleet(), "GET", "/v1/breakers").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, "application/json");
+        let breakers: Vec<BreakerView> = serde_json::from_str(&body).expect("breakers");
+        assert_eq!(breakers.len(), 1);
+        assert_eq!(breakers[0].state, BreakerState::Open);
+        assert!(body.contains("\"state\":\"open\""), "{body}");
+        assert!(body.contains("\"retry_in_ms\":3800"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn faults_are_set_listed_and_cleared() {
+        let fleet = fleet();
+        let uri = "/v1/services/orders/faults";
+        // No content type: `curl -d` sends a form type, and that is no reason to refuse.
+        let (status, content_type, body) = send(
+            fleet.clone(),
+            "PUT",
+            uri,
+            r#"{"delay":"300ms","delay_percent":50,"abort":503}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(content_type, "application/json");
+        let stored: Faults = serde_json::from_str(&body).expect("faults");
+        assert_eq!(stored.delay, Some(Duration::from_millis(300)));
+        assert_eq!(stored.delay_percent, 50);
+        assert_eq!(stored.abort, Some(503));
+        assert_eq!(stored.abort_percent, 100, "defaulted and shown");
+
+        let (status, _, body) = call(fleet.clone(), "GET", "/v1/faults").await;
+        assert_eq!(status, StatusCode::OK);
+        let all: BTreeMap<String, Faults> = serde_json::from_str(&body).expect("object");
+        assert_eq!(all.get("orders"), Some(&stored));
+        let (status, _, body) = call(fleet.clone(), "GET", uri).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(serde_json::from_str::<Faults>(&body).ok(), Some(stored));
+
+        let (status, _, body) = call(fleet.clone(), "DELETE", uri).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(body.is_empty());
+        let (status, _, body) = call(fleet.clone(), "GET", "/v1/faults").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "{}");
+        for method in ["GET", "DELETE"] {
+            let (status, content_type, body) = call(fleet.clone(), method, uri).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{method} without faults");
+            assert_eq!(content_type, "application/problem+json");
+            assert!(
+                body.contains("no faults are injected into `orders`"),
+                "{body}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn faults_of_unknown_services_are_404_problems() {
+        let uri = "/v1/services/nosuch/faults";
+        for (method, body) in [("GET", ""), ("PUT", r#"{"abort":503}"#), ("DELETE", "")] {
+            let (status, content_type, body) = send(fleet(), method, uri, body).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{method}");
+            assert_eq!(content_type, "application/problem+json", "{method}");
+            assert!(body.contains("no service named `nosuch`"), "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_faults_are_4xx_problems_naming_the_field() {
+        for (body, want, names) in [
+            ("", StatusCode::BAD_REQUEST, "EOF"),
+            ("{\"abort\":", StatusCode::BAD_REQUEST, "EOF"),
+            (
+                "3",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "expected struct Faults",
+            ),
+            (
+                r#"{"dealy":"1s"}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "dealy",
+            ),
+            (
+                r#"{"delay":"soon"}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "delay",
+            ),
+            (
+                r#"{"abort":503,"abort_percent":-1}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "abort_percent",
+            ),
+            (
+                r#"{"abort":70000}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "abort",
+            ),
+            (
+                r#"{"abort":200}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "400 to 599",
+            ),
+            (
+                r#"{"abort":503,"abort_percent":120}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "abort_percent",
+            ),
+            (
+                r#"{"delay":"2h"}"#,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "at most",
+            ),
+            ("{}", StatusCode::UNPROCESSABLE_ENTITY, "delay"),
+        ] {
+            let fleet = fleet();
+            let (status, content_type, problem) =
+                send(fleet.clone(), "PUT", "/v1/services/orders/faults", body).await;
+            assert_eq!(status, want, "{body}: {problem}");
+            assert_eq!(content_type, "application/problem+json", "{body}");
+            let problem: serde_json::Value = serde_json::from_str(&problem).expect("problem");
+            assert_eq!(problem["status"], want.as_u16());
+            let detail = problem["detail"].as_str().unwrap_or_default();
+            assert!(detail.contains(names), "{body}: {detail}");
+            assert!(fleet.faults().is_empty(), "{body} set nothing");
+        }
+    }
+
+    #[tokio::test]
+    async fn faults_resources_refuse_other_methods() {
+        for (method, uri) in [
+            ("POST", "/v1/services/orders/faults"),
+            ("PUT", "/v1/faults"),
+            ("DELETE", "/v1/breakers"),
+        ] {
+            let (status, content_type, _) = call(fleet(), method, uri).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}");
+            assert_eq!(content_type, "application/problem+json");
         }
     }
 }

@@ -39,6 +39,45 @@ pub(crate) const DOCUMENT: &str = r##"{
         }
       }
     },
+    "/v1/services/{name}/faults": {
+      "parameters": [ { "name": "name", "in": "path", "required": true, "schema": { "type": "string" } } ],
+      "get": {
+        "summary": "The faults injected into every call to one service",
+        "responses": {
+          "200": { "description": "The faults in force", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Faults" } } } },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      },
+      "put": {
+        "summary": "Inject delays and/or aborts into every call to one service, from every caller (replaces what was set)",
+        "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Faults" } } } },
+        "responses": {
+          "200": { "description": "The faults now in force, defaults filled in", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Faults" } } } },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" },
+          "422": { "$ref": "#/components/responses/Problem" }
+        }
+      },
+      "delete": {
+        "summary": "Stop injecting faults into one service",
+        "responses": {
+          "204": { "description": "Cleared" },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
+    "/v1/faults": {
+      "get": {
+        "summary": "Every service with faults injected",
+        "responses": { "200": { "description": "Service name to its faults", "content": { "application/json": { "schema": { "type": "object", "additionalProperties": { "$ref": "#/components/schemas/Faults" } } } } } }
+      }
+    },
+    "/v1/breakers": {
+      "get": {
+        "summary": "Every circuit breaker (one per caller and callee service) and every instance outlier record",
+        "responses": { "200": { "description": "Sorted by caller, service and instance", "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/Breaker" } } } } } }
+      }
+    },
     "/v1/logs": {
       "get": {
         "summary": "Captured service logs, oldest first",
@@ -123,6 +162,34 @@ pub(crate) const DOCUMENT: &str = r##"{
           "uptime_seconds": { "type": ["integer", "null"] },
           "last_exit": { "type": ["string", "null"] },
           "last_error": { "type": ["string", "null"] }
+        }
+      },
+      "Faults": {
+        "type": "object",
+        "description": "At least one of delay and abort.",
+        "additionalProperties": false,
+        "properties": {
+          "delay": { "type": "string", "description": "Hold each call this long before sending it, e.g. 300ms; at most 1h" },
+          "delay_percent": { "type": "integer", "minimum": 0, "maximum": 100, "default": 100, "description": "Share of calls delayed" },
+          "abort": { "type": "integer", "minimum": 400, "maximum": 599, "description": "Answer with this status instead of calling the service" },
+          "abort_percent": { "type": "integer", "minimum": 0, "maximum": 100, "default": 100, "description": "Share of calls aborted" }
+        }
+      },
+      "Breaker": {
+        "type": "object",
+        "required": ["caller", "service", "state", "state_for_ms", "consecutive_failures", "window_calls", "window_failures", "in_flight", "times_opened"],
+        "properties": {
+          "caller": { "type": "string", "description": "gateway, or the instance whose sidecar calls (orders-1)" },
+          "service": { "type": "string", "description": "The callee service" },
+          "instance": { "type": "string", "description": "Set for an instance's outlier record (open means ejected); absent for the service's breaker" },
+          "state": { "enum": ["closed", "open", "half-open"] },
+          "state_for_ms": { "type": "integer", "description": "Milliseconds in the current state" },
+          "consecutive_failures": { "type": "integer" },
+          "window_calls": { "type": "integer", "description": "Calls in the sliding window (service breakers only)" },
+          "window_failures": { "type": "integer", "description": "Failures in the sliding window (service breakers only)" },
+          "in_flight": { "type": "integer", "description": "Calls in flight now" },
+          "times_opened": { "type": "integer", "description": "How often it opened (or the instance was ejected)" },
+          "retry_in_ms": { "type": "integer", "description": "While open: milliseconds until probes are let through (or the instance returns)" }
         }
       },
       "LogRecord": {

@@ -2,8 +2,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +29,10 @@ pub enum Command {
     Logs(LogsArgs),
     /// Validate a manifest without starting anything
     Check(CheckArgs),
+    /// Inject delays and errors into every call to a service, or list and clear them
+    Chaos(ChaosArgs),
+    /// Run one instance's sidecar as a separate process, fed by a fleet's control API
+    Sidecar(SidecarArgs),
 }
 
 /// Where to find a running fleet's control API.
@@ -107,4 +112,52 @@ pub struct CheckArgs {
     /// The app directory holding flotilla.toml, or the manifest file
     #[arg(default_value = ".")]
     pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(group = ArgGroup::new("fault").args(["delay", "abort", "clear"]).multiple(true))]
+pub struct ChaosArgs {
+    /// The service whose calls to disturb; without it, list the faults in force
+    #[arg(requires = "fault")]
+    pub service: Option<String>,
+    /// Hold calls this long before sending them (`300ms`, `2s`)
+    #[arg(long, value_name = "DUR", value_parser = flotilla_manifest::parse_duration, requires = "service")]
+    pub delay: Option<Duration>,
+    /// Percentage of calls delayed
+    #[arg(long, value_name = "N", default_value_t = 100, requires = "delay")]
+    pub delay_percent: u32,
+    /// Answer calls with this error status (400–599) instead of calling the service
+    #[arg(long, value_name = "STATUS", requires = "service")]
+    pub abort: Option<u16>,
+    /// Percentage of calls aborted
+    #[arg(long, value_name = "N", default_value_t = 100, requires = "abort")]
+    pub abort_percent: u32,
+    /// Stop injecting faults into SERVICE
+    #[arg(
+        long,
+        requires = "service",
+        conflicts_with_all = ["delay", "delay_percent", "abort", "abort_percent"]
+    )]
+    pub clear: bool,
+    #[command(flatten)]
+    pub target: Target,
+    /// The faults in force as one JSON object, service → faults
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SidecarArgs {
+    /// The service whose instance makes the calls
+    #[arg(long, value_name = "NAME")]
+    pub service: String,
+    /// The instance's id: the caller its breakers belong to [default: NAME-sidecar]
+    #[arg(long, value_name = "ID")]
+    pub instance: Option<String>,
+    /// The control API of the fleet whose services to call
+    #[arg(long, env = "FLOTILLA_CONTROL", value_name = "URL")]
+    pub control: String,
+    /// Where to listen for the instance's calls (its HTTP_PROXY); port 0 picks a free port
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
 }

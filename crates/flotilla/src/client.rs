@@ -94,11 +94,17 @@ impl Control {
     }
 
     pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let response = self.send(self.http.get(self.url(path))).await?;
-        response
-            .json()
+        self.json(path, self.http.get(self.url(path))).await
+    }
+
+    /// Sends `body` as JSON and reads the JSON answer.
+    pub async fn put<B, T>(&self, path: &str, body: &B) -> Result<T>
+    where
+        B: Serialize + ?Sized,
+        T: serde::de::DeserializeOwned,
+    {
+        self.json(path, self.http.put(self.url(path)).json(body))
             .await
-            .with_context(|| format!("unexpected answer from {}", self.url(path)))
     }
 
     pub async fn post(&self, path: &str) -> Result<()> {
@@ -106,9 +112,26 @@ impl Control {
         Ok(())
     }
 
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.send(self.http.delete(self.url(path))).await?;
+        Ok(())
+    }
+
     /// A streaming GET, for following logs.
     pub async fn stream(&self, path: &str) -> Result<reqwest::Response> {
         self.send(self.http.get(self.url(path))).await
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T> {
+        self.send(request)
+            .await?
+            .json()
+            .await
+            .with_context(|| format!("unexpected answer from {}", self.url(path)))
     }
 
     fn url(&self, path: &str) -> String {
@@ -125,6 +148,8 @@ impl Control {
         }
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
+        // A problem's detail is written for the user and names what was wrong; the status code
+        // would only repeat it. Anything else is shown with its status, as a clue.
         let detail = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|problem| {
@@ -132,8 +157,24 @@ impl Control {
                     .get("detail")
                     .and_then(|d| d.as_str())
                     .map(str::to_owned)
-            })
-            .unwrap_or(body);
-        Err(anyhow!("{status}: {detail}"))
+            });
+        match detail {
+            Some(detail) => Err(anyhow!("{detail}")),
+            None => Err(anyhow!("{status}: {body}")),
+        }
     }
+}
+
+/// Percent-encodes a query value or a path segment (a service name as the user typed it).
+pub fn encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
 }

@@ -1,11 +1,14 @@
-//! The running fleet as the control API sees it: the supervisor, registry and log store behind
-//! the `Fleet` trait.
+//! The running fleet as the control API sees it: the supervisor, registry, log store and the
+//! data plane's resilience (breakers, injected faults) behind the `Fleet` trait.
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use flotilla_control::{AppInfo, Fleet, InstanceView, Phase, ServiceView};
+use flotilla_control::{
+    AppInfo, BreakerView, FaultError, Faults, Fleet, InstanceView, Phase, ServiceView,
+};
 use flotilla_manifest::Manifest;
+use flotilla_proxy::Resilience;
 use flotilla_registry::Registry;
 use flotilla_supervisor::Supervisor;
 use flotilla_telemetry::{LogQuery, LogRecord, LogStore};
@@ -17,6 +20,9 @@ pub struct RunningFleet {
     pub supervisor: Supervisor,
     pub registry: Registry,
     pub logs: Arc<LogStore>,
+    /// Shared with the gateway and every in-process sidecar: their breakers and the faults they
+    /// inject.
+    pub resilience: Resilience,
     pub gateway_url: String,
     pub control_url: String,
     pub started_at: SystemTime,
@@ -28,6 +34,14 @@ pub struct RunningFleet {
 impl RunningFleet {
     pub fn set_phase(&self, phase: Phase) {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+
+    fn known(&self, service: &str) -> Result<(), FaultError> {
+        if self.manifest.services.iter().any(|s| &*s.name == service) {
+            Ok(())
+        } else {
+            Err(FaultError::UnknownService(service.to_owned()))
+        }
     }
 }
 
@@ -96,6 +110,31 @@ impl Fleet for RunningFleet {
 
     fn shutdown(&self) {
         self.stop.cancel();
+    }
+
+    fn breakers(&self) -> Vec<BreakerView> {
+        self.resilience.board.snapshot()
+    }
+
+    fn faults(&self) -> Vec<(String, Faults)> {
+        self.resilience
+            .faults
+            .all()
+            .into_iter()
+            .map(|(service, faults)| (service.to_string(), faults))
+            .collect()
+    }
+
+    fn set_faults(&self, service: &str, faults: Faults) -> Result<(), FaultError> {
+        self.known(service)?;
+        faults.validate().map_err(FaultError::Invalid)?;
+        self.resilience.faults.set(service, faults);
+        Ok(())
+    }
+
+    fn clear_faults(&self, service: &str) -> Result<bool, FaultError> {
+        self.known(service)?;
+        Ok(self.resilience.faults.clear(service))
     }
 }
 

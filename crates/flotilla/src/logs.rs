@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use flotilla_telemetry::LogRecord;
 
 use crate::cli::LogsArgs;
-use crate::client::Control;
+use crate::client::{Control, encode};
 use crate::output;
 
 pub async fn run(args: LogsArgs) -> Result<ExitCode> {
@@ -62,31 +62,5 @@ fn print_record(out: &mut impl Write, record: &LogRecord, json: bool, width: usi
         // A closed pipe (`flotilla logs | head`) is the reader saying it has enough.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         other => Ok(other?),
-    }
-}
-
-/// Percent-encodes a query value.
-fn encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(byte as char)
-            }
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn query_values_are_encoded() {
-        assert_eq!(
-            super::encode("2026-01-01T00:00:00+01:00"),
-            "2026-01-01T00%3A00%3A00%2B01%3A00"
-        );
-        assert_eq!(super::encode("5m"), "5m");
     }
 }

@@ -1,12 +1,14 @@
 //! `flotilla`: the command line. Parses arguments, sets up logging and the runtime, and hands
 //! over to one module per command; the real work lives in the crates under `crates/`.
 
+mod chaos;
 mod check;
 mod cli;
 mod client;
 mod fleet;
 mod logs;
 mod output;
+mod sidecar;
 mod status;
 mod up;
 
@@ -36,6 +38,8 @@ fn main() -> ExitCode {
             Command::Status(args) => status::run(args).await,
             Command::Logs(args) => logs::run(args).await,
             Command::Check(args) => check::run(args),
+            Command::Chaos(args) => chaos::run(args).await,
+            Command::Sidecar(args) => sidecar::run(args).await,
         }
     });
     match result {

@@ -113,6 +113,7 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         supervisor: supervisor.clone(),
         registry: registry.clone(),
         logs: logs.clone(),
+        resilience: resilience.clone(),
         gateway_url: gateway_url.clone(),
         control_url: control_url.clone(),
         started_at: SystemTime::now(),
@@ -142,7 +143,14 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
             }
         }
     });
-    tasks.spawn(stop_on_signals(fleet.stop.clone(), args.detached_child));
+    match StopSignals::install() {
+        Ok(signals) => {
+            tasks.spawn(signals.watch(fleet.stop.clone(), args.detached_child));
+        }
+        Err(e) => tracing::error!(
+            "cannot install signal handlers ({e}); stop the fleet with `flotilla down`"
+        ),
+    }
     if !args.detached_child {
         tasks.spawn(print_logs(
             logs.clone(),
@@ -375,26 +383,39 @@ async fn start_sidecars(
     Ok(Sidecars { env })
 }
 
-async fn stop_on_signals(stop: CancellationToken, detached: bool) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the fleet with `flotilla down`");
-        return;
-    };
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-            // A detached fleet outlives the terminal that started it.
-            _ = hangup.recv() => if !detached { break },
-        }
+/// Ctrl-C, SIGTERM and SIGHUP, caught from the moment this is made: a process installs them
+/// before it tells anyone it is there, so a signal sent right after is not lost to the default
+/// action (dying without cleaning up).
+pub(crate) struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub(crate) fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
     }
-    stop.cancel();
+
+    /// Cancels `stop` on Ctrl-C, SIGTERM or (unless `detached`) SIGHUP; returns when `stop` is
+    /// cancelled either way.
+    pub(crate) async fn watch(mut self, stop: CancellationToken, detached: bool) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = self.interrupt.recv() => break,
+                _ = self.terminate.recv() => break,
+                // A detached fleet outlives the terminal that started it.
+                _ = self.hangup.recv() => if !detached { break },
+            }
+        }
+        stop.cancel();
+    }
 }
 
 fn label_width(manifest: &Manifest) -> usize {

@@ -95,7 +95,7 @@ fn up_routes_reports_and_stops_cleanly() {
     // status --json: one object per instance with the promised fields.
     let status = run(&["status", "--json", "--dir", app.path_str()]);
     assert!(status.status.success(), "{}", text(&status.stderr));
-    let instances: Vec<Value> = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let instances = status_json(&status.stdout, "instances");
     assert_eq!(instances.len(), 3);
     for instance in &instances {
         for field in [
@@ -345,7 +345,7 @@ fn detached_up_returns_when_ready_and_down_stops_it() {
     assert!(stdout.contains("pair is up"), "{stdout}");
     assert!(stdout.contains("gateway  http://127.0.0.1:"), "{stdout}");
     let status = run(&["status", "--json", "--dir", app.path_str()]);
-    let instances: Vec<Value> = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let instances = status_json(&status.stdout, "instances");
     assert!(instances.iter().all(|i| i["health"] == "healthy"));
     let again = run(&["up", app.path_str(), "-d"]);
     assert!(!again.status.success());
@@ -499,4 +499,395 @@ fn logs_follow_streams_new_lines() {
     let _ = follower.kill();
     let _ = follower.wait();
     assert!(found.is_ok(), "the new line was streamed to `logs -f`");
+}
+
+/// One list of `flotilla status --json`: `instances` or `breakers`.
+fn status_json(stdout: &[u8], list: &str) -> Vec<Value> {
+    let status: Value = serde_json::from_slice(stdout).expect("status JSON");
+    status[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {list} in {status}"))
+        .clone()
+}
+
+/// A fleet with one service behind `/back`, for the resilience tests.
+const ONE_SERVICE: &str = r#"
+app = "single"
+
+[[gateway.routes]]
+prefix = "/back"
+service = "back"
+
+[services.back]
+run = "python3 echo.py"
+replicas = 2
+health = { interval = "200ms" }
+"#;
+
+#[test]
+fn chaos_disturbs_gateway_calls_until_cleared() {
+    let app = App::new(TWO_SERVICES);
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let dir = app.path_str();
+    let back = format!("{}/back/x", fleet.gateway);
+
+    let set = run(&["chaos", "back", "--abort", "418", "-C", dir]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let shown = text(&set.stdout);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("back ") && l.ends_with("418 on every call")),
+        "prints what is in force:\n{shown}"
+    );
+    for _ in 0..5 {
+        let answer = get(&back);
+        assert_eq!(answer.status(), 418);
+        assert_eq!(answer.headers()["content-type"], "application/problem+json");
+        assert_eq!(answer.headers()["x-flotilla-fault"], "abort");
+    }
+    assert_eq!(
+        get(&format!("{}/front/", fleet.gateway)).status(),
+        200,
+        "other services are untouched"
+    );
+
+    // Setting again replaces; percentages are shown as given.
+    let set = run(&[
+        "chaos",
+        "back",
+        "--delay",
+        "300ms",
+        "--delay-percent",
+        "50",
+        "--abort",
+        "503",
+        "--abort-percent",
+        "20",
+        "-C",
+        dir,
+    ]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let shown = text(&set.stdout);
+    assert!(
+        shown.contains("300ms on 50% of calls") && shown.contains("503 on 20% of calls"),
+        "{shown}"
+    );
+    let listed = run(&["chaos", "-C", dir, "--json"]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("faults JSON");
+    assert_eq!(
+        listed,
+        serde_json::json!({"back": {"delay": "300ms", "delay_percent": 50, "abort": 503, "abort_percent": 20}})
+    );
+
+    let set = run(&["chaos", "back", "--delay", "400ms", "-C", dir]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let started = std::time::Instant::now();
+    assert_eq!(get(&back).status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "delayed: {:?}",
+        started.elapsed()
+    );
+
+    let clear = run(&["chaos", "back", "--clear", "-C", dir]);
+    assert!(clear.status.success(), "{}", text(&clear.stderr));
+    assert!(
+        text(&clear.stderr).contains("no faults are injected"),
+        "{}",
+        text(&clear.stderr)
+    );
+    assert!(text(&clear.stdout).is_empty(), "{}", text(&clear.stdout));
+    assert_eq!(get(&back).status(), 200);
+
+    // Refusals by the control API print its detail and exit 1; usage errors exit 2.
+    for (args, detail) in [
+        (
+            vec!["chaos", "back", "--clear"],
+            "no faults are injected into `back`",
+        ),
+        (
+            vec!["chaos", "nosuch", "--abort", "503"],
+            "no service named `nosuch`",
+        ),
+        (vec!["chaos", "back", "--abort", "200"], "400 to 599"),
+        (
+            vec!["chaos", "back", "--abort", "503", "--abort-percent", "120"],
+            "0 to 100",
+        ),
+    ] {
+        let refused = run(&[&args[..], &["-C", dir]].concat());
+        assert_eq!(refused.status.code(), Some(1), "{args:?}");
+        assert!(
+            text(&refused.stderr).contains(detail),
+            "{args:?}: {}",
+            text(&refused.stderr)
+        );
+    }
+    for args in [
+        vec!["chaos", "back"],
+        vec!["chaos", "back", "--delay", "soon"],
+        vec!["chaos", "back", "--clear", "--abort", "503"],
+    ] {
+        let usage = run(&[&args[..], &["-C", dir]].concat());
+        assert_eq!(usage.status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn faults_api_round_trips_and_refuses_bad_input() {
+    let app = App::new(ONE_SERVICE);
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let faults = format!("{}/v1/services/back/faults", fleet.control);
+
+    let set = put_raw(&faults, r#"{"abort": 503, "abort_percent": 100}"#);
+    assert_eq!(set.status(), 200);
+    let stored: Value = set.json().expect("faults");
+    assert_eq!(
+        stored,
+        serde_json::json!({"delay_percent": 100, "abort": 503, "abort_percent": 100})
+    );
+    assert_eq!(
+        get_json(&faults).expect("GET faults"),
+        stored,
+        "read back as stored"
+    );
+    assert_eq!(
+        get_json(&format!("{}/v1/faults", fleet.control)).expect("all faults"),
+        serde_json::json!({ "back": stored })
+    );
+    assert_eq!(get(&format!("{}/back/", fleet.gateway)).status(), 503);
+
+    assert_eq!(delete(&faults).status(), 204);
+    assert_eq!(get(&format!("{}/back/", fleet.gateway)).status(), 200);
+
+    let nosuch = format!("{}/v1/services/nosuch/faults", fleet.control);
+    for (answer, status, detail) in [
+        (delete(&faults), 404, "no faults are injected into `back`"),
+        (get(&faults), 404, "no faults are injected into `back`"),
+        (
+            put_raw(&nosuch, r#"{"abort": 503}"#),
+            404,
+            "no service named `nosuch`",
+        ),
+        (delete(&nosuch), 404, "no service named `nosuch`"),
+        (put_raw(&faults, "{\"abort\": 5"), 400, "EOF"),
+        (put_raw(&faults, r#"{"abort": "teapot"}"#), 422, "abort"),
+        (put_raw(&faults, r#"{"dealy": "1s"}"#), 422, "dealy"),
+        (
+            put_raw(&faults, r#"{"delay": "1s", "delay_percent": 101}"#),
+            422,
+            "delay_percent",
+        ),
+        (put_raw(&faults, r#"{"abort": 302}"#), 422, "400 to 599"),
+    ] {
+        assert_eq!(answer.status(), status, "{detail}");
+        assert_eq!(
+            answer.headers()["content-type"],
+            "application/problem+json",
+            "{detail}"
+        );
+        let problem: Value = answer.json().expect("problem");
+        assert_eq!(problem["status"], status);
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(detail)),
+            "{problem}"
+        );
+    }
+    assert_eq!(
+        get_json(&format!("{}/v1/faults", fleet.control)).expect("all faults"),
+        serde_json::json!({}),
+        "nothing refused was stored"
+    );
+}
+
+#[test]
+fn breakers_are_listed_and_shown_by_status() {
+    let app = App::new(ONE_SERVICE);
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let breakers_url = format!("{}/v1/breakers", fleet.control);
+    assert_eq!(
+        get_json(&breakers_url),
+        Some(serde_json::json!([])),
+        "none before a call"
+    );
+
+    assert_eq!(get(&format!("{}/back/", fleet.gateway)).status(), 200);
+    let breakers = get_json(&breakers_url).expect("breakers");
+    let gateway = breakers
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|b| b["caller"] == "gateway" && b["service"] == "back" && b.get("instance").is_none())
+        .cloned()
+        .unwrap_or_else(|| panic!("the gateway's breaker for back: {breakers}"));
+    assert_eq!(gateway["state"], "closed");
+    assert_eq!(gateway["window_calls"], 1);
+    assert_eq!(gateway["consecutive_failures"], 0);
+    let status = run(&["status", "-C", app.path_str()]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let shown = text(&status.stdout);
+    assert!(
+        shown.ends_with("\n1 breaker closed, no recent failures\n"),
+        "{shown}"
+    );
+
+    // Every call to back fails: the gateway's breaker opens and status says when it probes.
+    let set = put_raw(
+        &format!("{}/v1/services/back/faults", fleet.control),
+        r#"{"abort": 503}"#,
+    );
+    assert_eq!(set.status(), 200);
+    wait_until(
+        "the gateway's breaker to open",
+        Duration::from_secs(10),
+        || {
+            assert_eq!(get(&format!("{}/back/", fleet.gateway)).status(), 503);
+            get_json(&breakers_url).is_some_and(|all| {
+                all.as_array().into_iter().flatten().any(|b| {
+                    b["caller"] == "gateway" && b.get("instance").is_none() && b["state"] == "open"
+                })
+            })
+        },
+    );
+    let status = run(&["status", "-C", app.path_str()]);
+    let shown = text(&status.stdout);
+    assert!(
+        shown.lines().any(|l| l.starts_with("gateway ")
+            && l.contains(" back ")
+            && l.contains("open, half-open in ")),
+        "{shown}"
+    );
+    assert!(shown.contains("CALLER"), "{shown}");
+    let status = run(&["status", "--json", "-C", app.path_str()]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    assert_eq!(status_json(&status.stdout, "instances").len(), 2);
+    assert!(
+        status_json(&status.stdout, "breakers")
+            .iter()
+            .any(|b| b["service"] == "back" && b["state"] == "open")
+    );
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn a_separate_sidecar_proxies_to_the_fleet() {
+    use std::io::{BufRead, BufReader};
+    let app = App::new(TWO_SERVICES);
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+
+    let refused = run(&[
+        "sidecar",
+        "--service",
+        "nosuch",
+        "--control",
+        &fleet.control,
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("no service named `nosuch`"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    let log = app.path().join("sidecar.log");
+    let mut sidecar = Reaped(
+        flotilla()
+            .args(["sidecar", "--service", "front", "--control", &fleet.control])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn sidecar"),
+    );
+    let mut first = String::new();
+    BufReader::new(sidecar.0.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    let url = first
+        .trim()
+        .strip_prefix("sidecar for front listening on ")
+        .unwrap_or_else(|| {
+            panic!(
+                "first line {first:?}; stderr:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })
+        .to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+
+    // Calls in absolute form, as HTTP_PROXY makes any client send them.
+    let client = reqwest::blocking::Client::builder()
+        .proxy(reqwest::Proxy::http(&url).expect("proxy"))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let call = |target: &str| {
+        client
+            .get(target)
+            .send()
+            .unwrap_or_else(|e| panic!("GET {target} via {url}: {e}"))
+    };
+    let echoed: Value = call("http://back/hello?x=1").json().expect("json");
+    assert_eq!(echoed["service"], "back");
+    assert_eq!(echoed["path"], "/hello?x=1");
+    let unknown = call("http://nosuch/");
+    assert_eq!(unknown.status(), 502);
+    assert_eq!(
+        unknown.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = unknown.json().expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("nosuch")),
+        "{problem}"
+    );
+
+    // Faults set on the fleet reach the separate sidecar with its next poll, and so does clearing.
+    let faults = format!("{}/v1/services/back/faults", fleet.control);
+    assert_eq!(put_raw(&faults, r#"{"abort": 418}"#).status(), 200);
+    wait_until(
+        "the sidecar to inject the fault",
+        Duration::from_secs(5),
+        || call("http://back/").status() == 418,
+    );
+    assert_eq!(delete(&faults).status(), 204);
+    wait_until(
+        "the sidecar to stop injecting it",
+        Duration::from_secs(5),
+        || call("http://back/").status() == 200,
+    );
+
+    send_signal(sidecar.0.id(), libc::SIGTERM);
+    wait_until(
+        "the sidecar to exit on SIGTERM",
+        Duration::from_secs(10),
+        || matches!(sidecar.0.try_wait(), Ok(Some(_))),
+    );
+    let status = sidecar.0.wait().expect("status");
+    assert!(
+        status.success(),
+        "{status}:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }

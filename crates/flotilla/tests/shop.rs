@@ -143,9 +143,15 @@ fn cascade(fleet: &Fleet, api: &str, sku: &str) {
         let problem: Value = answer.json().expect("problem+json");
         let detail = problem["detail"].as_str().unwrap_or_default().to_owned();
         assert!(detail.starts_with("payments unavailable"), "{detail}");
-        assert!(took < Duration::from_secs(4), "answered in {took:?}: {detail}");
+        assert!(
+            took < Duration::from_secs(4),
+            "answered in {took:?}: {detail}"
+        );
         if detail.contains("circuit breaker") {
-            assert!(took < Duration::from_millis(500), "an open breaker fails fast: {took:?}");
+            assert!(
+                took < Duration::from_millis(500),
+                "an open breaker fails fast: {took:?}"
+            );
             fast_fails += 1;
             if fast_fails == 3 {
                 break;
@@ -159,7 +165,9 @@ fn cascade(fleet: &Fleet, api: &str, sku: &str) {
     assert!(
         breakers.iter().any(|b| b["service"] == "payments"
             && b["state"] == "open"
-            && b["caller"].as_str().is_some_and(|c| c.starts_with("orders-"))),
+            && b["caller"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("orders-"))),
         "{breakers:?}"
     );
 

@@ -145,26 +145,33 @@ pub fn max_ejected(policy: &OutlierPolicy, total: usize) -> usize {
     (total * policy.max_ejected_percent as usize / 100).clamp(1, total - 1)
 }
 
-/// Picks among `candidates` (indices into `stats`, never empty) by `policy`. `turn` is the
-/// round-robin counter of the callee.
+/// The most instances one pick considers: the usable ones are a bit mask, so picking allocates
+/// nothing. The manifest allows 64 replicas.
+pub const MAX_CANDIDATES: usize = 64;
+
+/// Picks one of the instances whose bit is set in `usable` (never zero) by `policy`; `stats` is
+/// indexed like the bits. `turn` is the round-robin counter of the callee.
 pub fn pick(
     policy: LoadBalancer,
-    candidates: &[usize],
-    stats: &[&EndpointStats],
+    usable: u64,
+    stats: &[EndpointStats],
     turn: &mut usize,
     now: Instant,
 ) -> usize {
-    match (policy, candidates.len()) {
-        (_, 0 | 1) => candidates.first().copied().unwrap_or(0),
-        (LoadBalancer::RoundRobin, n) => {
+    let n = usable.count_ones() as usize;
+    if n <= 1 {
+        return usable.trailing_zeros().min(63) as usize;
+    }
+    match policy {
+        LoadBalancer::RoundRobin => {
             *turn = turn.wrapping_add(1);
-            candidates[*turn % n]
+            nth_set_bit(usable, *turn % n)
         }
-        (LoadBalancer::P2cEwma, n) => {
+        LoadBalancer::P2cEwma => {
             let a = fastrand::usize(0..n);
             // A second draw from the others, so the two are always distinct.
             let b = (a + 1 + fastrand::usize(0..n - 1)) % n;
-            let (a, b) = (candidates[a], candidates[b]);
+            let (a, b) = (nth_set_bit(usable, a), nth_set_bit(usable, b));
             if stats[b].cost(now) < stats[a].cost(now) {
                 b
             } else {
@@ -172,6 +179,13 @@ pub fn pick(
             }
         }
     }
+}
+
+fn nth_set_bit(mut bits: u64, n: usize) -> usize {
+    for _ in 0..n {
+        bits &= bits - 1;
+    }
+    bits.trailing_zeros() as usize
 }
 
 #[cfg(test)]
@@ -203,18 +217,16 @@ mod tests {
         let fast = EndpointStats::new(t0);
         let mut slow = EndpointStats::new(t0);
         slow.observe(Duration::from_millis(200), t0);
-        let stats = [&slow, &fast];
+        let stats = [slow, fast.clone(), fast];
         let mut turn = 0;
         for _ in 0..100 {
-            assert_eq!(
-                pick(LoadBalancer::P2cEwma, &[0, 1], &stats, &mut turn, t0),
-                1
-            );
+            assert_eq!(pick(LoadBalancer::P2cEwma, 0b011, &stats, &mut turn, t0), 1);
         }
         let picks: Vec<_> = (0..4)
-            .map(|_| pick(LoadBalancer::RoundRobin, &[0, 1], &stats, &mut turn, t0))
+            .map(|_| pick(LoadBalancer::RoundRobin, 0b101, &stats, &mut turn, t0))
             .collect();
-        assert_eq!(picks, [1, 0, 1, 0]);
+        assert_eq!(picks, [2, 0, 2, 0]);
+        assert_eq!(pick(LoadBalancer::P2cEwma, 0b100, &stats, &mut turn, t0), 2);
     }
 
     #[test]

@@ -293,3 +293,19 @@ pub fn post_raw(url: &str, body: &str) -> reqwest::blocking::Response {
         .send()
         .unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
+
+pub fn put_raw(url: &str, body: &str) -> reqwest::blocking::Response {
+    client()
+        .put(url)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .unwrap_or_else(|e| panic!("PUT {url}: {e}"))
+}
+
+pub fn delete(url: &str) -> reqwest::blocking::Response {
+    client()
+        .delete(url)
+        .send()
+        .unwrap_or_else(|e| panic!("DELETE {url}: {e}"))
+}

@@ -26,9 +26,39 @@ pub(crate) struct Callee {
 struct State {
     breaker: Breaker,
     budget: RetryBudget,
-    /// By instance name; a handful per service, so a scan beats a map.
-    endpoints: Vec<(Arc<str>, EndpointStats)>,
+    /// The instances of the last pick, in discovery's order, and what is known about each.
+    names: Vec<Arc<str>>,
+    stats: Vec<EndpointStats>,
     turn: usize,
+}
+
+impl State {
+    /// Lines the records up with `endpoints`, keeping what is known about each instance by name.
+    /// Discovery hands out the same snapshot until something changes, so this is usually one
+    /// pointer comparison per instance.
+    fn align(&mut self, endpoints: &[Endpoint], now: Instant) {
+        let aligned = self.names.len() == endpoints.len()
+            && self
+                .names
+                .iter()
+                .zip(endpoints)
+                .all(|(name, e)| Arc::ptr_eq(name, &e.instance) || *name == e.instance);
+        if aligned {
+            return;
+        }
+        let stats = endpoints
+            .iter()
+            .map(|e| {
+                self.names
+                    .iter()
+                    .position(|name| *name == e.instance)
+                    .map(|i| self.stats[i].clone())
+                    .unwrap_or_else(|| EndpointStats::new(now))
+            })
+            .collect();
+        self.stats = stats;
+        self.names = endpoints.iter().map(|e| e.instance.clone()).collect();
+    }
 }
 
 /// How one try ended, for the breaker and the instance's record.
@@ -53,7 +83,8 @@ impl Callee {
             state: Mutex::new(State {
                 breaker: Breaker::new(policy.breaker.clone(), now),
                 budget: RetryBudget::new(&policy.retries, now),
-                endpoints: Vec::new(),
+                names: Vec::new(),
+                stats: Vec::new(),
                 turn: 0,
             }),
             caller,
@@ -94,64 +125,48 @@ impl Callee {
         avoid: Option<&str>,
         now: Instant,
     ) -> Endpoint {
-        let mut returned = Vec::new();
-        let picked = {
+        let endpoints = &endpoints[..endpoints.len().min(balance::MAX_CANDIDATES)];
+        let mut returned: u64 = 0;
+        let chosen = {
             let mut state = self.lock();
             let state = &mut *state;
-            if state.endpoints.len() > endpoints.len() + 8 {
-                // Instances come and go; forget the ones long gone.
-                state
-                    .endpoints
-                    .retain(|(name, _)| endpoints.iter().any(|e| e.instance == *name));
-            }
-            let mut slots = Vec::with_capacity(endpoints.len());
-            for endpoint in endpoints {
-                let slot = match state
-                    .endpoints
-                    .iter()
-                    .position(|(n, _)| *n == endpoint.instance)
-                {
-                    Some(slot) => slot,
-                    None => {
-                        state
-                            .endpoints
-                            .push((endpoint.instance.clone(), EndpointStats::new(now)));
-                        state.endpoints.len() - 1
-                    }
-                };
-                if state.endpoints[slot].1.expire(now).is_some() {
-                    returned.push(endpoint.instance.clone());
+            state.align(endpoints, now);
+            let mut usable: u64 = 0;
+            for (i, stats) in state.stats.iter_mut().enumerate() {
+                if stats.expire(now).is_some() {
+                    returned |= 1 << i;
                 }
-                slots.push(slot);
+                if !stats.is_ejected(now) {
+                    usable |= 1 << i;
+                }
             }
-            let usable = |i: &usize| {
-                let stats = &state.endpoints[slots[*i]].1;
-                !stats.is_ejected(now)
-            };
-            let mut candidates: Vec<usize> = (0..endpoints.len()).filter(usable).collect();
-            if candidates.is_empty() {
+            let all = u64::MAX >> (64 - endpoints.len());
+            if usable == 0 {
                 // Every instance ejected: better to try one than to refuse all calls.
-                candidates.extend(0..endpoints.len());
+                usable = all;
             }
             if let Some(avoid) = avoid {
-                if candidates.len() > 1 {
-                    candidates.retain(|i| &*endpoints[*i].instance != avoid);
+                if let Some(i) = endpoints.iter().position(|e| &*e.instance == avoid) {
+                    if usable & !(1 << i) != 0 {
+                        usable &= !(1 << i);
+                    }
                 }
             }
-            let stats: Vec<&EndpointStats> = slots.iter().map(|s| &state.endpoints[*s].1).collect();
             let chosen = balance::pick(
                 self.policy.load_balancer,
-                &candidates,
-                &stats,
+                usable,
+                &state.stats,
                 &mut state.turn,
                 now,
             );
-            state.endpoints[slots[chosen]].1.in_flight += 1;
-            endpoints[chosen].clone()
+            state.stats[chosen].in_flight += 1;
+            chosen
         };
-        for instance in returned {
+        while returned != 0 {
+            let i = returned.trailing_zeros() as usize;
+            returned &= returned - 1;
             self.announce(
-                Some(instance),
+                Some(endpoints[i].instance.clone()),
                 Transition {
                     from: BreakerState::Open,
                     to: BreakerState::Closed,
@@ -159,7 +174,7 @@ impl Callee {
                 },
             );
         }
-        picked
+        endpoints[chosen].clone()
     }
 
     /// Reports how a try on `instance` ended.
@@ -174,15 +189,12 @@ impl Callee {
         let (breaker, ejection) = {
             let mut state = self.lock();
             let state = &mut *state;
-            let ejected_now = state
-                .endpoints
-                .iter()
-                .filter(|(_, s)| s.is_ejected(now))
-                .count();
+            let ejected_now = state.stats.iter().filter(|s| s.is_ejected(now)).count();
             let may_eject =
-                ejected_now < balance::max_ejected(&self.policy.outlier, state.endpoints.len());
+                ejected_now < balance::max_ejected(&self.policy.outlier, state.stats.len());
             let mut ejection = None;
-            if let Some((_, stats)) = state.endpoints.iter_mut().find(|(n, _)| n == instance) {
+            let slot = state.names.iter().position(|name| name == instance);
+            if let Some(stats) = slot.map(|i| &mut state.stats[i]) {
                 stats.in_flight = stats.in_flight.saturating_sub(1);
                 if outcome != Outcome::Abandoned {
                     stats.observe(latency, now);
@@ -238,7 +250,7 @@ impl Callee {
         let now = Instant::now();
         let state = self.lock();
         let counts = state.breaker.counts(now);
-        let mut views = Vec::with_capacity(1 + state.endpoints.len());
+        let mut views = Vec::with_capacity(1 + state.stats.len());
         views.push(BreakerView {
             caller: self.caller.to_string(),
             service: self.service.to_string(),
@@ -252,7 +264,7 @@ impl Callee {
             times_opened: counts.times_opened,
             retry_in_ms: counts.half_open_in.map(millis),
         });
-        for (instance, stats) in &state.endpoints {
+        for (instance, stats) in state.names.iter().zip(&state.stats) {
             let ejected = stats.is_ejected(now);
             views.push(BreakerView {
                 caller: self.caller.to_string(),
