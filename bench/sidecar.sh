@@ -123,7 +123,7 @@ TOML
 upstream_port="$("$flotilla" status -C "$work/app" --json | python3 -c 'import json,sys; print([i for i in json.load(sys.stdin)["instances"] if i["service"]=="upstream"][0]["port"])')"
 
 # A standalone sidecar, as it runs outside `flotilla up`; its first line says where it listens.
-"$flotilla" sidecar --service bench --control "http://127.0.0.1:$control_port" > "$work/sidecar.out" 2> "$work/sidecar.err" &
+"$flotilla" sidecar --service relay --instance relay-bench --control "http://127.0.0.1:$control_port" > "$work/sidecar.out" 2> "$work/sidecar.err" &
 sidecar_pid=$!
 pids+=("$sidecar_pid")
 for _ in $(seq 50); do grep -q listening "$work/sidecar.out" 2>/dev/null && break; sleep 0.1; done

@@ -4,8 +4,9 @@
 //!
 //!   hop_latency URL [--host NAME] [--rate 1000] [--seconds 10]
 //!
-//! Latency is measured from when a request was due, not when it went out, so a stall shows up in
-//! the figures instead of silently lowering the rate.
+//! Requests go out on schedule whether or not earlier ones have answered (open loop), so a stall
+//! shows up as slow answers rather than as a lower rate. Each is timed from when it is sent: tokio's
+//! timer ticks in whole milliseconds, and timing from the tick would add that jitter to every figure.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -95,6 +96,7 @@ async fn main() {
         let samples = samples.clone();
         let errors = errors.clone();
         running.spawn(async move {
+            let sent = Instant::now();
             let ok = match client.request(request).await {
                 Ok(response) => {
                     let ok = response.status().is_success();
@@ -102,7 +104,7 @@ async fn main() {
                 }
                 Err(_) => false,
             };
-            let took = due.elapsed();
+            let took = sent.elapsed();
             if ok {
                 samples.lock().unwrap_or_else(|e| e.into_inner()).push(took);
             } else {
