@@ -19,9 +19,13 @@ const DEFAULT_RTT: Duration = Duration::from_millis(5);
 /// How fast the estimate forgets: an old observation weighs `e^(-age/DECAY)`.
 const DECAY: Duration = Duration::from_secs(10);
 
-/// The endpoint the balancer picked, as a request extension for the upstream client.
+/// The instance a try goes to, as a request extension for the upstream client: the only one it
+/// needs, so a retried request's copy carries no other.
 #[derive(Clone, Debug)]
-pub struct Picked(pub Endpoint);
+pub struct Picked {
+    pub service: std::sync::Arc<str>,
+    pub endpoint: Endpoint,
+}
 
 /// What the balancer knows about one instance.
 #[derive(Debug, Clone)]

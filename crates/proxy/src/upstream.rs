@@ -18,7 +18,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::balance::Picked;
-use crate::{BoxError, Error, ProxyBody, ProxySettings, Target};
+use crate::{BoxError, Error, ProxyBody, ProxySettings};
 
 /// The innermost service: sends the request to the [`Picked`] endpoint over a pooled keep-alive
 /// HTTP/1.1 connection and streams the response back.
@@ -68,19 +68,15 @@ where
     type Future = UpstreamFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The pool has no limit to wait for; a bulkhead layer above would add one.
+        // The pool has no limit to wait for; the bulkhead above is the limit.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let Some(Picked(endpoint)) = request.extensions_mut().remove::<Picked>() else {
+        let Some(Picked { service, endpoint }) = request.extensions_mut().remove::<Picked>() else {
             return UpstreamFuture::Rejected {
                 error: Some(Error::NoTarget),
             };
-        };
-        let service = match request.extensions().get::<Target>() {
-            Some(target) => target.service.clone(),
-            None => endpoint.instance.clone(),
         };
         if let Err(error) = address(&mut request, endpoint.addr) {
             return UpstreamFuture::Rejected { error: Some(error) };

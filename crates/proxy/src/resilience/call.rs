@@ -181,7 +181,6 @@ impl<D: Discovery> Shared<D> {
 
         let start = Instant::now();
         let deadline = start + policy.deadline;
-        callee.deposit(start);
         let idempotent = retry_any_method || is_idempotent(request.method());
         let attempts = policy.retries.attempts.get();
         let (parts, body) = request.into_parts();
@@ -191,7 +190,7 @@ impl<D: Discovery> Shared<D> {
 
         for attempt in 1..=attempts {
             let now = Instant::now();
-            let ticket = match callee.admit(now) {
+            let ticket = match callee.admit(attempt == 1, now) {
                 Admission::Allowed(ticket) => ticket,
                 Admission::Rejected { retry_in } => {
                     let fallback = route_fallback.as_deref().or(policy.fallback.as_ref());
@@ -351,7 +350,10 @@ impl<D: Discovery> Shared<D> {
             (Err(error), _) => Err(error),
             (Ok(()), Some(status)) => Ok(fault_response(status, &callee.service)),
             (Ok(()), None) => {
-                request.extensions_mut().insert(Picked(endpoint));
+                request.extensions_mut().insert(Picked {
+                    service: callee.service.clone(),
+                    endpoint,
+                });
                 match tokio::time::timeout_at(until, inner.call(request)).await {
                     Ok(result) => result,
                     Err(_) => Err(timeout(callee)),
@@ -423,13 +425,13 @@ fn jittered_backoff(policy: &flotilla_manifest::RetryPolicy, attempt: u32) -> Du
     Duration::from_nanos(fastrand::u64(0..=nanos))
 }
 
+/// What a try sends, leaving the extensions behind: below this layer only [`Picked`] is read.
 fn copy_parts(template: &Parts) -> Parts {
     let mut request = Request::new(());
     *request.method_mut() = template.method.clone();
     *request.uri_mut() = template.uri.clone();
     *request.version_mut() = template.version;
     *request.headers_mut() = template.headers.clone();
-    *request.extensions_mut() = template.extensions.clone();
     request.into_parts().0
 }
 

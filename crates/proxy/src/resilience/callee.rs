@@ -101,16 +101,20 @@ impl Callee {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn admit(&self, now: Instant) -> Admission {
-        let (admission, transition) = self.lock().breaker.admit(now);
+    /// Asks the breaker for a try; a call's first try also counts the call for the retry budget
+    /// (under the same lock).
+    pub(crate) fn admit(&self, first: bool, now: Instant) -> Admission {
+        let (admission, transition) = {
+            let mut state = self.lock();
+            if first {
+                state.budget.deposit(now);
+            }
+            state.breaker.admit(now)
+        };
         if let Some(transition) = transition {
             self.announce(None, transition);
         }
         admission
-    }
-
-    pub(crate) fn deposit(&self, now: Instant) {
-        self.lock().budget.deposit(now);
     }
 
     pub(crate) fn withdraw(&self, now: Instant) -> bool {
