@@ -95,6 +95,10 @@ fn breaker_state(b: &BreakerView) -> String {
         Some(_) => ("ejected", "back"),
     };
     match (b.state, b.retry_in_ms) {
+        // The move to half-open happens on the next call, which may be a while coming.
+        (BreakerState::Open, Some(0)) if b.instance.is_none() => {
+            format!("{open}, {next} on the next call")
+        }
         (BreakerState::Open, Some(ms)) => {
             format!("{open}, {next} in {}", output::uptime(ms.div_ceil(1000)))
         }
