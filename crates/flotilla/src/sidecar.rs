@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use flotilla_control::{AppInfo, Faults, ServiceView};
 use flotilla_proxy::resilience::FaultTable;
-use flotilla_proxy::{Policies, Resilience};
+use flotilla_proxy::{Caller, Policies, Resilience};
 use flotilla_registry::{Discovery, Endpoint, Endpoints, Resolution};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -93,6 +93,10 @@ pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
         resilience.faults.clone(),
         stop.clone(),
     ));
+    let caller = Caller {
+        service: Arc::from(args.service.as_str()),
+        instance: caller,
+    };
     let served =
         flotilla_sidecar::serve(listener, caller, discovery, resilience, stop.clone()).await;
     // Also ends the helpers when the server stops on its own.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use flotilla_control::{AppInfo, Fleet as _, Phase, ServiceView};
 use flotilla_manifest::Manifest;
-use flotilla_proxy::{Policies, Resilience};
+use flotilla_proxy::{Caller, Policies, Resilience};
 use flotilla_registry::Registry;
 use flotilla_registry::health::HealthChecker;
 use flotilla_supervisor::{BuildProgress, InstanceEnv, Supervisor, SupervisorConfig};
@@ -352,15 +352,14 @@ async fn start_sidecars(
                 let discovery = discovery.clone();
                 let resilience = resilience.clone();
                 let stop = stop.clone();
+                let service_name = service.name.clone();
                 async move {
-                    if let Err(e) = flotilla_sidecar::serve(
-                        listener,
-                        caller.clone(),
-                        discovery,
-                        resilience,
-                        stop,
-                    )
-                    .await
+                    let who = Caller {
+                        service: service_name,
+                        instance: caller.clone(),
+                    };
+                    if let Err(e) =
+                        flotilla_sidecar::serve(listener, who, discovery, resilience, stop).await
                     {
                         tracing::error!(instance = %caller, "sidecar stopped: {e}");
                     }

@@ -91,7 +91,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// The gateway's resilience layer: it calls services as the caller `gateway`.
 pub fn resilience<D: Discovery>(discovery: Arc<D>, resilience: Resilience) -> ResilienceLayer<D> {
-    ResilienceLayer::new(discovery, resilience, Arc::from(CALLER))
+    ResilienceLayer::new(discovery, resilience, CALLER)
 }
 
 /// The caller name of the gateway's breakers.

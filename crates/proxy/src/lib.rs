@@ -31,6 +31,7 @@ mod rescue;
 pub mod resilience;
 mod rewrite;
 mod serve;
+pub mod trace;
 mod upstream;
 
 use std::convert::Infallible;
@@ -56,6 +57,7 @@ pub use rescue::{Rescue, RescueLayer};
 pub use resilience::{BreakerEvent, BreakerState, BreakerView, Faults, Policies, Resilience};
 pub use rewrite::{Rewrite, RewriteLayer, rewrite_path};
 pub use serve::{DEFAULT_DRAIN_TIMEOUT, serve_connections};
+pub use trace::{Caller, Observer, TRACEPARENT, TraceParent};
 pub use upstream::Upstream;
 
 /// The error type inside the stack, below the rescue layer; tower's own layers use it too.
@@ -155,8 +157,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let resilience =
-        resilience::ResilienceLayer::new(discovery, Resilience::default(), Arc::from("gateway"));
+    let resilience = resilience::ResilienceLayer::new(discovery, Resilience::default(), "gateway");
     stack_with_edge(resilience, settings, PresetTarget)
 }
 
@@ -197,6 +198,10 @@ where
         .option_layer(settings.forwarded.then(ForwardedLayer::new))
         // Once per request, not per attempt: a later retry layer below re-sends the rewritten path.
         .layer(RewriteLayer::new())
+        // A client span for the caller and a server span for the callee per call, and the
+        // `traceparent` that makes the callee's own calls their children. Above the retries: one
+        // call, however many tries it took.
+        .layer(resilience.trace_layer())
         // The callee's policy: deadline, retries, breaker, bulkhead, instance choice, faults.
         // Below the rewrite, so a retry re-sends the rewritten request; right above the client,
         // so each try picks an instance afresh.

@@ -1,6 +1,6 @@
 //! The resilience layer: breaker transitions in virtual time, then retries, budget, outlier
-//! ejection, load balancing, timeouts, bulkhead, fallback and faults against real upstreams on
-//! loopback.
+//! ejection, load balancing, timeouts, bulkhead, fallback, faults and the spans of each call
+//! against real upstreams on loopback.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -153,7 +153,7 @@ async fn breaker_goes_closed_open_half_open_closed_and_reopens_on_a_failed_probe
     let layer = ResilienceLayer::new(
         Fixed::of(&[SocketAddr::from(([127, 0, 0, 1], 9))]),
         shared.clone(),
-        "orders-1".into(),
+        "orders-1",
     );
     let stack = layer.layer(instance.service());
     let state = || {
@@ -226,7 +226,7 @@ async fn half_open_lets_only_the_probes_through() {
     let stack = ResilienceLayer::new(
         Fixed::of(&[SocketAddr::from(([127, 0, 0, 1], 9))]),
         shared.clone(),
-        "gateway".into(),
+        "gateway",
     )
     .layer(instance.service());
     let events = Arc::new(Mutex::new(Vec::new()));
@@ -307,7 +307,7 @@ fn stack(
 > + Clone
 + Send
 + 'static {
-    let layer = ResilienceLayer::new(discovery, shared, "gateway".into());
+    let layer = ResilienceLayer::new(discovery, shared, "gateway");
     flotilla_proxy::stack_with_edge(layer, ProxySettings::sidecar(), PresetTarget)
 }
 
@@ -706,4 +706,119 @@ async fn an_unknown_service_is_a_502_naming_it() {
     let problem: serde_json::Value = serde_json::from_slice(&body).expect("problem+json");
     assert_eq!(problem["type"], "urn:flotilla:problem:unknown-service");
     assert_eq!(problem["detail"], "unknown service `nosuch`");
+}
+
+// ---- traces ----
+
+#[derive(Default)]
+struct Collected {
+    spans: Mutex<Vec<flotilla_telemetry::Span>>,
+    calls: Mutex<Vec<(String, String, Option<u16>, u32)>>,
+    in_flight: std::sync::atomic::AtomicI64,
+}
+
+impl flotilla_proxy::Observer for Collected {
+    fn span(&self, span: flotilla_telemetry::Span) {
+        self.spans.lock().unwrap().push(span);
+    }
+
+    fn call(&self, caller: &str, callee: &str, status: Option<u16>, _: Duration, retries: u32) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((caller.into(), callee.into(), status, retries));
+    }
+
+    fn in_flight(&self, _: &str, _: &str, delta: i64) {
+        self.in_flight.fetch_add(delta, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn each_call_is_a_client_and_a_server_span_and_the_callee_gets_their_context() {
+    let seen = Arc::new(Mutex::new(None));
+    let behaviour: Behaviour = {
+        let seen = seen.clone();
+        Arc::new(move |request| {
+            *seen.lock().unwrap() = request
+                .headers()
+                .get("traceparent")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (StatusCode::OK, Duration::ZERO)
+        })
+    };
+    let (addr, _) = upstream(behaviour).await;
+    let collected = Arc::new(Collected::default());
+    let shared = Resilience {
+        observer: Some(collected.clone()),
+        ..Resilience::default()
+    };
+    let layer = ResilienceLayer::new(
+        Fixed::of(&[addr]),
+        shared,
+        flotilla_proxy::Caller {
+            service: "orders".into(),
+            instance: "orders-2".into(),
+        },
+    );
+    let stack = flotilla_proxy::stack_with_edge(layer, ProxySettings::sidecar(), PresetTarget);
+
+    let mut traced = get();
+    traced.headers_mut().insert(
+        "traceparent",
+        http::HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    );
+    assert_eq!(status_of(&stack, traced).await, 200);
+    let spans = std::mem::take(&mut *collected.spans.lock().unwrap());
+    let [server, client] = &spans[..] else {
+        panic!("two spans, got {spans:?}")
+    };
+    assert_eq!(
+        client.trace_id.to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(
+        client.parent_span_id.map(|s| s.to_string()).as_deref(),
+        Some("00f067aa0ba902b7")
+    );
+    assert_eq!(client.kind, flotilla_telemetry::SpanKind::Client);
+    assert_eq!(
+        (&*client.service, client.instance.as_deref()),
+        ("orders", Some("orders-2"))
+    );
+    assert_eq!(client.http.peer_service.as_deref(), Some("svc"));
+    assert_eq!(client.http.status, Some(200));
+    assert_eq!(client.http.attempts, Some(1));
+    assert_eq!(server.kind, flotilla_telemetry::SpanKind::Server);
+    assert_eq!(server.trace_id, client.trace_id);
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+    assert_eq!(
+        (&*server.service, server.instance.as_deref()),
+        ("svc", Some("svc-1"))
+    );
+    // The callee continues the trace under its server span.
+    assert_eq!(
+        seen.lock().unwrap().as_deref(),
+        Some(format!("00-{}-{}-01", server.trace_id, server.span_id).as_str())
+    );
+    assert_eq!(
+        *collected.calls.lock().unwrap(),
+        [("orders".to_owned(), "svc".to_owned(), Some(200), 0)]
+    );
+    assert_eq!(collected.in_flight.load(Ordering::SeqCst), 0);
+
+    // Without a traceparent a trace starts here; an unknown service is a failed client span only.
+    let unknown = request(Method::GET, Target::service("nosuch".into()));
+    assert_eq!(status_of(&stack, unknown).await, 502);
+    let spans = std::mem::take(&mut *collected.spans.lock().unwrap());
+    let [client] = &spans[..] else {
+        panic!("one span, got {spans:?}")
+    };
+    assert_eq!(client.parent_span_id, None);
+    assert!(client.is_error());
+    assert_eq!(
+        client.status_message.as_deref(),
+        Some("unknown service `nosuch`")
+    );
+    assert_eq!(collected.in_flight.load(Ordering::SeqCst), 0);
 }

@@ -259,7 +259,7 @@ fn describe(name: &str, request: &Request<Incoming>) -> String {
 
 /// The resilience layer with default policies, calling as `gateway`.
 fn layer<D: Discovery>(discovery: D) -> ResilienceLayer<D> {
-    ResilienceLayer::new(Arc::new(discovery), Resilience::default(), "gateway".into())
+    ResilienceLayer::new(Arc::new(discovery), Resilience::default(), "gateway")
 }
 
 /// Serves `stack` on loopback with the shared accept loop, as the gateway does.

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use flotilla_proxy::resilience::ResilienceLayer;
-use flotilla_proxy::{Edge, Error, ProxySettings, Resilience, Target};
+use flotilla_proxy::{Caller, Edge, Error, ProxySettings, Resilience, Target};
 use flotilla_registry::Discovery;
 use http::{Method, Request, header};
 use tokio::net::TcpListener;
@@ -120,15 +120,15 @@ fn strip_port(host: &str) -> &str {
 /// Calls get the callee's policy from `resilience`; the breakers are the caller's own.
 pub async fn serve<D: Discovery>(
     listener: TcpListener,
-    caller: Arc<str>,
+    caller: Caller,
     discovery: Arc<D>,
     resilience: Resilience,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    tracing::debug!(caller = &*caller, addr = ?listener.local_addr().ok(), "sidecar serving");
-    let layer = ResilienceLayer::new(discovery, resilience, caller.clone());
-    let stack =
-        flotilla_proxy::stack_with_edge(layer, ProxySettings::sidecar(), HostEdge::new(caller));
+    tracing::debug!(caller = &*caller.instance, addr = ?listener.local_addr().ok(), "sidecar serving");
+    let edge = HostEdge::new(caller.instance.clone());
+    let layer = ResilienceLayer::new(discovery, resilience, caller);
+    let stack = flotilla_proxy::stack_with_edge(layer, ProxySettings::sidecar(), edge);
     flotilla_proxy::serve_connections(
         listener,
         stack,

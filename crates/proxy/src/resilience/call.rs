@@ -31,9 +31,10 @@ use tower::{Layer, Service};
 use super::breaker::Admission;
 use super::bulkhead::Refusal;
 use super::callee::{Callee, Outcome};
-use super::{Resilience, is_idempotent};
+use super::{Resilience, Served, is_idempotent};
 use crate::balance::Picked;
 use crate::problem::build;
+use crate::trace::{Caller, TraceLayer};
 use crate::{BoxError, Error, ProxyBody, Target};
 
 /// Request bodies up to this size are kept for a retry; larger ones are streamed once.
@@ -51,7 +52,7 @@ pub struct ResilienceLayer<D> {
 struct Shared<D> {
     discovery: Arc<D>,
     resilience: Resilience,
-    caller: Arc<str>,
+    caller: Caller,
     callees: RwLock<HashMap<Arc<str>, Arc<Callee>>>,
 }
 
@@ -64,7 +65,8 @@ impl<D> Clone for ResilienceLayer<D> {
 }
 
 impl<D: Discovery> ResilienceLayer<D> {
-    pub fn new(discovery: Arc<D>, resilience: Resilience, caller: Arc<str>) -> Self {
+    pub fn new(discovery: Arc<D>, resilience: Resilience, caller: impl Into<Caller>) -> Self {
+        let caller = caller.into();
         Self {
             shared: Arc::new(Shared {
                 discovery,
@@ -73,6 +75,20 @@ impl<D: Discovery> ResilienceLayer<D> {
                 callees: RwLock::default(),
             }),
         }
+    }
+}
+
+impl<D> ResilienceLayer<D> {
+    pub fn caller(&self) -> &Caller {
+        &self.shared.caller
+    }
+
+    /// The trace layer that reports this stack's calls.
+    pub fn trace_layer(&self) -> TraceLayer {
+        TraceLayer::new(
+            self.shared.resilience.observer.clone(),
+            self.shared.caller.clone(),
+        )
     }
 }
 
@@ -146,7 +162,7 @@ impl<D: Discovery> Shared<D> {
             .entry(service.clone())
             .or_insert_with(|| {
                 Callee::new(
-                    self.caller.clone(),
+                    self.caller.instance.clone(),
                     service.clone(),
                     self.resilience.policies.get(service),
                     self.resilience.board.clone(),
@@ -195,7 +211,9 @@ impl<D: Discovery> Shared<D> {
                 Admission::Rejected { retry_in } => {
                     let fallback = route_fallback.as_deref().or(policy.fallback.as_ref());
                     return match fallback {
-                        Some(fallback) => Ok(fallback_response(fallback)),
+                        Some(fallback) => {
+                            served(Ok(fallback_response(fallback)), None, attempt - 1, &callee)
+                        }
                         None => Err(Error::BreakerOpen {
                             service: callee.service.clone(),
                             caller: callee.caller.clone(),
@@ -252,12 +270,12 @@ impl<D: Discovery> Shared<D> {
                 }
             };
             if !retryable || last {
-                return result;
+                return served(result, instance, attempt, &callee);
             }
             let backoff = jittered_backoff(&policy.retries, attempt);
             let now = Instant::now();
             if now + backoff >= deadline {
-                return result;
+                return served(result, instance, attempt, &callee);
             }
             if !callee.withdraw(now) {
                 tracing::debug!(
@@ -265,7 +283,7 @@ impl<D: Discovery> Shared<D> {
                     service = &*callee.service,
                     "retry budget spent; not retrying"
                 );
-                return result;
+                return served(result, instance, attempt, &callee);
             }
             tracing::debug!(
                 caller = &*callee.caller,
@@ -374,6 +392,23 @@ impl<D: Discovery> Shared<D> {
         });
         (result, Some(instance))
     }
+}
+
+/// Tags an answer with what the trace layer above reports about the call.
+fn served(
+    result: Result<Response<ProxyBody>, BoxError>,
+    instance: Option<Arc<str>>,
+    attempts: u32,
+    callee: &Callee,
+) -> Result<Response<ProxyBody>, BoxError> {
+    result.map(|mut response| {
+        response.extensions_mut().insert(Served {
+            instance,
+            attempts,
+            breaker: callee.breaker_state(),
+        });
+        response
+    })
 }
 
 fn timeout(callee: &Callee) -> BoxError {

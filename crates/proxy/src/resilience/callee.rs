@@ -117,6 +117,10 @@ impl Callee {
         admission
     }
 
+    pub(crate) fn breaker_state(&self) -> BreakerState {
+        self.lock().breaker.state()
+    }
+
     pub(crate) fn withdraw(&self, now: Instant) -> bool {
         self.lock().budget.withdraw(now)
     }

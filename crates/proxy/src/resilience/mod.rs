@@ -65,6 +65,8 @@ pub struct Resilience {
     pub policies: Arc<Policies>,
     pub faults: Arc<FaultTable>,
     pub board: Arc<Board>,
+    /// Where every stack reports spans and calls; none in tests that do not look.
+    pub observer: Option<Arc<dyn crate::trace::Observer>>,
 }
 
 impl Resilience {
@@ -74,6 +76,17 @@ impl Resilience {
             ..Self::default()
         }
     }
+}
+
+/// What became of a call that got an answer, as a response extension for the trace layer.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The instance that answered; `None` for a fallback.
+    pub instance: Option<Arc<str>>,
+    /// Tries made.
+    pub attempts: u32,
+    /// The caller's breaker for the callee afterwards.
+    pub breaker: BreakerState,
 }
 
 /// A breaker changed state, or an instance was ejected or came back.
