@@ -710,10 +710,13 @@ async fn an_unknown_service_is_a_502_naming_it() {
 
 // ---- traces ----
 
+/// A call as the observer hears of it: caller, callee, status, retries.
+type ObservedCall = (String, String, Option<u16>, u32);
+
 #[derive(Default)]
 struct Collected {
     spans: Mutex<Vec<flotilla_telemetry::Span>>,
-    calls: Mutex<Vec<(String, String, Option<u16>, u32)>>,
+    calls: Mutex<Vec<ObservedCall>>,
     in_flight: std::sync::atomic::AtomicI64,
 }
 
