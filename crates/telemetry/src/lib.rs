@@ -1,9 +1,31 @@
 //! Telemetry: what the fleet says about itself.
 //!
-//! For now this is the centralized log: every line a service writes to stdout or stderr becomes a
-//! [`LogRecord`] tagged with service, instance and time, kept in a bounded [`LogStore`] that the
-//! control API queries and follows. Traces, metrics and the application map join it later.
+//! A mechanism crate: the proxy (gateway and sidecars) and the supervisor feed it, the control API
+//! and the binary's `/metrics` read it. Everything in it is bounded in memory and cheap to record
+//! into from the request path.
+//!
+//! - **Logs.** Every line a service writes to stdout or stderr becomes a [`LogRecord`] tagged with
+//!   service, instance and time, kept in a bounded [`LogStore`] that the control API queries and
+//!   follows.
+//! - **Traces.** The proxy records a CLIENT and a SERVER [`Span`] for every call between services;
+//!   the [`TraceStore`] keeps the newest of them, evicting the oldest when full (counted in
+//!   [`TraceStore::dropped`]), and answers [`TraceStore::trace`] and [`TraceStore::traces`] with
+//!   [`TraceSummary`] listings filtered by a [`TraceQuery`].
+//! - **The application map.** [`TraceStore::edges`] turns recent CLIENT spans into [`EdgeStats`]:
+//!   requests, errors, rate and latency percentiles per (caller, callee).
+//! - **Metrics.** [`Metrics`] holds the proxy's per-edge counters (requests by status class, a
+//!   latency histogram, retries, calls in flight) and renders them into an [`Exposition`], the
+//!   Prometheus text format writer that the binary also uses for families of its own.
 
 pub mod logs;
+pub mod map;
+pub mod metrics;
+pub mod span;
+pub mod traces;
+mod wire;
 
 pub use logs::{LogQuery, LogRecord, LogStore, Stream};
+pub use map::EdgeStats;
+pub use metrics::{Exposition, InFlightGuard, MetricType, Metrics, render_trace_store};
+pub use span::{AttributeValue, HttpHop, Span, SpanId, SpanKind, SpanStatus, TraceId};
+pub use traces::{TraceQuery, TraceStore, TraceSummary};

@@ -21,7 +21,7 @@ pub enum Stream {
 /// One captured line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogRecord {
-    #[serde(with = "rfc3339")]
+    #[serde(with = "crate::wire::rfc3339")]
     pub time: SystemTime,
     pub service: Arc<str>,
     pub instance: Arc<str>,
@@ -110,20 +110,6 @@ impl LogStore {
     /// How many lines were dropped from memory to stay within capacity.
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
-    }
-}
-
-mod rfc3339 {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::SystemTime;
-
-    pub(crate) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_rfc3339_micros(*t))
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
     }
 }
 

@@ -1,0 +1,221 @@
+//! Spans: the unit of a trace, as the proxy records them and as OTLP senders describe them.
+//!
+//! Ids follow W3C Trace Context (16-byte trace id, 8-byte span id, lower-case hex on the wire).
+//! The HTTP attributes the proxy knows for every hop are plain fields, so recording a span on the
+//! request path costs no map of strings; anything else (spans that services export themselves)
+//! goes in `attributes`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// A W3C trace id: 16 bytes, never all zero.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TraceId(pub [u8; 16]);
+
+/// A W3C span id: 8 bytes, never all zero.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpanId(pub [u8; 8]);
+
+impl TraceId {
+    pub fn random() -> Self {
+        loop {
+            let id = fastrand::u128(..).to_be_bytes();
+            if id != [0; 16] {
+                return Self(id);
+            }
+        }
+    }
+
+    /// Parses 32 lower- or upper-case hex digits; `None` for anything else or all zeros.
+    pub fn parse(hex: &str) -> Option<Self> {
+        let mut id = [0; 16];
+        decode_hex(hex, &mut id)?;
+        (id != [0; 16]).then_some(Self(id))
+    }
+}
+
+impl SpanId {
+    pub fn random() -> Self {
+        loop {
+            let id = fastrand::u64(..).to_be_bytes();
+            if id != [0; 8] {
+                return Self(id);
+            }
+        }
+    }
+
+    pub fn parse(hex: &str) -> Option<Self> {
+        let mut id = [0; 8];
+        decode_hex(hex, &mut id)?;
+        (id != [0; 8]).then_some(Self(id))
+    }
+}
+
+fn decode_hex(hex: &str, out: &mut [u8]) -> Option<()> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != out.len() * 2 {
+        return None;
+    }
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(())
+}
+
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    for b in bytes {
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
+}
+
+macro_rules! hex_id {
+    ($name:ident) => {
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_hex(f, &self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_hex(f, &self.0)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = std::borrow::Cow::<str>::deserialize(d)?;
+                $name::parse(&text).ok_or_else(|| {
+                    serde::de::Error::custom(concat!("not a valid ", stringify!($name)))
+                })
+            }
+        }
+    };
+}
+hex_id!(TraceId);
+hex_id!(SpanId);
+
+/// OpenTelemetry's span kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpanKind {
+    Internal,
+    Server,
+    Client,
+    Producer,
+    Consumer,
+}
+
+/// OpenTelemetry's span status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpanStatus {
+    Unset,
+    Ok,
+    Error,
+}
+
+/// A span attribute's value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AttributeValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+/// What the proxy knows about one HTTP hop; every field is optional for spans from elsewhere.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpHop {
+    /// `http.request.method`
+    pub method: Option<http_method::Method>,
+    /// `url.path`
+    pub path: Option<String>,
+    /// `http.response.status_code`
+    pub status: Option<u16>,
+    /// `peer.service`: the other side of the hop (the callee for a client span, the caller for a
+    /// server span).
+    pub peer_service: Option<Arc<str>>,
+    /// `flotilla.retry.attempts`: tries the call took.
+    pub attempts: Option<u32>,
+    /// `flotilla.breaker.state` of the caller's breaker for the callee after the call.
+    pub breaker: Option<std::borrow::Cow<'static, str>>,
+}
+
+/// Methods as text without pulling in the `http` crate here.
+pub mod http_method {
+    /// An HTTP method name (`GET`, `POST`, …).
+    pub type Method = std::borrow::Cow<'static, str>;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Span {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_span_id: Option<SpanId>,
+    /// The service the span belongs to (`gateway` for the gateway's own).
+    pub service: Arc<str>,
+    /// The instance, when known (`orders-2`).
+    pub instance: Option<Arc<str>>,
+    pub name: String,
+    pub kind: SpanKind,
+    #[serde(with = "crate::wire::rfc3339")]
+    pub start: SystemTime,
+    #[serde(with = "crate::wire::micros")]
+    pub duration: Duration,
+    pub status: SpanStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_message: Option<String>,
+    #[serde(default)]
+    pub http: HttpHop,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<(String, AttributeValue)>,
+}
+
+impl Span {
+    pub fn end(&self) -> SystemTime {
+        self.start + self.duration
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.status == SpanStatus::Error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_as_lower_case_hex() {
+        let trace = TraceId::parse("4BF92F3577B34DA6A3CE929D0E0E4736").expect("trace id");
+        assert_eq!(trace.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let span = SpanId::parse("00f067aa0ba902b7").expect("span id");
+        assert_eq!(span.to_string(), "00f067aa0ba902b7");
+        assert_eq!(
+            TraceId::parse(&"0".repeat(32)),
+            None,
+            "all zeros is invalid"
+        );
+        assert_eq!(SpanId::parse("00f067aa0ba902b"), None);
+        assert_eq!(SpanId::parse("00f067aa0ba902bz"), None);
+        assert_ne!(TraceId::random(), TraceId::random());
+    }
+}
