@@ -21,6 +21,7 @@ pub struct Manifest {
     pub dir: PathBuf,
     pub gateway: GatewaySettings,
     pub control: ControlSettings,
+    pub telemetry: TelemetrySettings,
     /// In dependency order: every service comes after all of its `depends_on`.
     pub services: Vec<Service>,
 }
@@ -71,6 +72,20 @@ pub struct Fallback {
 pub struct ControlSettings {
     /// `[control] listen`, default `127.0.0.1:4400`.
     pub listen: SocketAddr,
+}
+
+/// `[telemetry]`: what the proxies record about the calls they carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetrySettings {
+    /// `enabled`, default true: spans per hop, the trace store, `/metrics`' call families and the
+    /// application map. Off, the proxies only propagate nothing and record nothing.
+    pub enabled: bool,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -20,6 +20,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics, LineIndex};
 use crate::model::{
     BreakerPolicy, BulkheadPolicy, ControlSettings, Fallback, GatewaySettings, HealthSettings,
     LoadBalancer, Manifest, OutlierPolicy, Policy, RestartSettings, RetryPolicy, Route, Service,
+    TelemetrySettings,
 };
 use crate::suggest::closest;
 
@@ -44,7 +45,8 @@ const DEFAULT_FALLBACK_CONTENT_TYPE: &str = "application/json";
 /// Any positive count.
 const AT_LEAST_ONE: RangeInclusive<u32> = 1..=u32::MAX;
 
-const TOP_KEYS: &[&str] = &["app", "gateway", "control", "services"];
+const TOP_KEYS: &[&str] = &["app", "gateway", "control", "telemetry", "services"];
+const TELEMETRY_KEYS: &[&str] = &["enabled"];
 const GATEWAY_KEYS: &[&str] = &["listen", "routes"];
 const ROUTE_KEYS: &[&str] = &[
     "prefix",
@@ -267,6 +269,14 @@ impl Checker<'_> {
                 Listen::Default,
             ),
         };
+        let mut telemetry = TelemetrySettings::default();
+        if let Some(table) = root
+            .get("telemetry")
+            .and_then(|value| self.table(value, "telemetry"))
+        {
+            self.unknown_keys(table, TELEMETRY_KEYS, "in [telemetry]");
+            self.set_bool(table, "enabled", &mut telemetry.enabled);
+        }
         let blamed = match (control_listen, gateway_listen) {
             (Listen::Invalid, _) | (_, Listen::Invalid) => None,
             (Listen::Given(span), _) | (_, Listen::Given(span)) => Some(span),
@@ -296,6 +306,7 @@ impl Checker<'_> {
             dir,
             gateway,
             control,
+            telemetry,
             services,
         }
     }

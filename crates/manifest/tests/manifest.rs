@@ -293,7 +293,7 @@ fn unknown_top_level_key() {
     );
     assert_eq!(
         help(&error),
-        "allowed keys at the top level are: app, gateway, control, services"
+        "allowed keys at the top level are: app, gateway, control, telemetry, services"
     );
 
     let error = single_error(
@@ -1544,5 +1544,18 @@ fn load_on_a_missing_file() {
     assert_eq!(
         help(error),
         "run `flotilla check DIR` on a directory that holds a flotilla.toml"
+    );
+}
+
+#[test]
+fn telemetry_can_be_switched_off() {
+    assert!(ok("app = \"a\"\n").telemetry.enabled);
+    let off = ok("app = \"a\"\n[telemetry]\nenabled = false\n");
+    assert!(!off.telemetry.enabled);
+    single_error(
+        "app = \"a\"\n[telemetry]\nenabeld = false\n",
+        3,
+        1,
+        "unknown key `enabeld` in [telemetry]",
     );
 }

@@ -114,6 +114,7 @@ fn fleet(services: Vec<Service>, extra_env: Arc<dyn InstanceEnv>) -> Fleet {
         control: ControlSettings {
             listen: ([127, 0, 0, 1], 0).into(),
         },
+        telemetry: Default::default(),
         services,
     };
     let registry = Registry::new();
