@@ -10,18 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+source bench/lib.sh
+
 duration="${1:-10s}"
 connections="${2:-64}"
-threads=2
-
-need() {
-    local missing=()
-    for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-    if ((${#missing[@]})); then
-        echo "installing ${missing[*]}..." >&2
-        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
-}
 need wrk nginx curl
 nginx_bin="$(command -v nginx)"
 
@@ -37,26 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-mkdir -p "$work/app" "$work/upstream" "$work/proxy"
-cat > "$work/upstream/nginx.conf.in" <<CONF
-daemon off;
-worker_processes 1;
-pid $work/upstream/nginx.pid;
-error_log stderr warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $work/upstream; proxy_temp_path $work/upstream;
-    fastcgi_temp_path $work/upstream; uwsgi_temp_path $work/upstream; scgi_temp_path $work/upstream;
-    server {
-        listen 127.0.0.1:@PORT@;
-        location / { default_type text/plain; return 200 "hello from upstream\n"; }
-    }
-}
-CONF
+mkdir -p "$work/app" "$work/proxy"
 gateway_port="$(free_port)"
 control_port="$(free_port)"
 cat > "$work/app/flotilla.toml" <<TOML
@@ -72,12 +45,10 @@ service = "upstream"
 [control]
 listen = "127.0.0.1:$control_port"
 
-[services.upstream]
-run = "sh -c 'sed s/@PORT@/\$PORT/ $work/upstream/nginx.conf.in > $work/upstream/nginx.conf && exec $nginx_bin -p $work/upstream -c $work/upstream/nginx.conf'"
-health = { path = "/", interval = "1s" }
+$(upstream_service "$work/upstream")
 TOML
 "$flotilla" up "$work/app" -d >/dev/null
-upstream_port="$("$flotilla" status -C "$work/app" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["instances"][0]["port"])')"
+upstream_port="$(instance_port "$flotilla" "$work/app" upstream)"
 
 proxy_port="$(free_port)"
 cat > "$work/proxy/nginx.conf" <<CONF
@@ -109,23 +80,10 @@ for url in "http://127.0.0.1:$upstream_port/" "http://127.0.0.1:$gateway_port/" 
     curl -fsS "$url" >/dev/null || { echo "not answering: $url" >&2; exit 1; }
 done
 
-# wrk prints "Requests/sec: N" and, with --latency, "50%" and "99%" lines.
-measure() {
-    local name="$1" url="$2" out
-    wrk -t1 -c2 -d2s "$url" >/dev/null # warm up pools and caches
-    out="$(wrk -t"$threads" -c"$connections" -d"$duration" --latency "$url")"
-    local rps p50 p99
-    rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")"
-    p50="$(awk '$1 == "50%" {print $2}' <<<"$out")"
-    p99="$(awk '$1 == "99%" {print $2}' <<<"$out")"
-    printf '%-10s %12s req/s   p50 %9s   p99 %9s\n' "$name" "$rps" "$p50" "$p99"
-    eval "rps_$name=$rps"
-}
-
 echo "wrk -t$threads -c$connections -d$duration on $(nproc) cores"
-measure direct "http://127.0.0.1:$upstream_port/"
-measure flotilla "http://127.0.0.1:$gateway_port/"
-measure nginx "http://127.0.0.1:$proxy_port/"
+measure direct "http://127.0.0.1:$upstream_port/" "$duration" "$connections"
+measure flotilla "http://127.0.0.1:$gateway_port/" "$duration" "$connections"
+measure nginx "http://127.0.0.1:$proxy_port/" "$duration" "$connections"
 
 python3 - "$rps_direct" "$rps_flotilla" "$rps_nginx" <<'PY'
 import sys

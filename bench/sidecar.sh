@@ -20,16 +20,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-10}"
 rate="${2:-1000}"
 connections="${3:-64}"
-threads=2
-
-need() {
-    local missing=()
-    for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-    if ((${#missing[@]})); then
-        echo "installing ${missing[*]}..." >&2
-        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
-}
+source bench/lib.sh
 need wrk nginx curl
 nginx_bin="$(command -v nginx)"
 
@@ -48,8 +39,6 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # nginx_conf NAME WORKERS DAEMON SERVERS: an nginx config with the shared boilerplate.
 nginx_conf() {
@@ -120,7 +109,7 @@ health = { path = "/", interval = "1s" }
 depends_on = ["upstream"]
 TOML
 "$flotilla" up "$work/app" -d >/dev/null
-upstream_port="$("$flotilla" status -C "$work/app" --json | python3 -c 'import json,sys; print([i for i in json.load(sys.stdin)["instances"] if i["service"]=="upstream"][0]["port"])')"
+upstream_port="$(instance_port "$flotilla" "$work/app" upstream)"
 
 # A standalone sidecar, as it runs outside `flotilla up`; its first line says where it listens.
 "$flotilla" sidecar --service relay --instance relay-bench --control "http://127.0.0.1:$control_port" > "$work/sidecar.out" 2> "$work/sidecar.err" &
@@ -161,19 +150,8 @@ hop nginx "http://127.0.0.1:$nginx_sidecar/"
 
 echo
 echo "chain throughput: wrk -t$threads -c$connections -d${seconds}s"
-chain() {
-    local name="$1" url="$2" out
-    wrk -t1 -c2 -d2s "$url" >/dev/null
-    out="$(wrk -t"$threads" -c"$connections" -d"${seconds}s" --latency "$url")"
-    local rps p50 p99
-    rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")"
-    p50="$(awk '$1 == "50%" {print $2}' <<<"$out")"
-    p99="$(awk '$1 == "99%" {print $2}' <<<"$out")"
-    printf '%-10s %12s req/s   p50 %9s   p99 %9s\n' "$name" "$rps" "$p50" "$p99"
-    eval "rps_$name=$rps"
-}
-chain flotilla "http://127.0.0.1:$gateway_port/"
-chain nginx "http://127.0.0.1:$nginx_edge/"
+measure flotilla "http://127.0.0.1:$gateway_port/" "${seconds}s" "$connections"
+measure nginx "http://127.0.0.1:$nginx_edge/" "${seconds}s" "$connections"
 
 echo
 python3 - "$p50_direct" "$p99_direct" "$p50_flotilla" "$p99_flotilla" "$p50_nginx" "$p99_nginx" \
