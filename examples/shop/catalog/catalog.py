@@ -203,7 +203,11 @@ class CatalogHandler(BaseHTTPRequestHandler):
         # Probes arrive every few seconds per instance; logging them would bury the real traffic.
         if self.path_only() == "/healthz" and status == 200:
             return
-        print(f"{command} {self.path_only()} {status} {elapsed_ms}ms", flush=True)
+        # The trace id of W3C `traceparent`, so Flotilla can line this up with the request's
+        # other log lines.
+        parts = (self.headers.get("traceparent") or "").split("-") if hasattr(self, "headers") else []
+        trace = f" trace_id={parts[1]}" if len(parts) == 4 and len(parts[1]) == 32 else ""
+        print(f"{command} {self.path_only()} {status} {elapsed_ms}ms{trace}", flush=True)
 
     def log_message(self, format, *args):
         # Silences http.server's own stderr log; log_request above prints ours.

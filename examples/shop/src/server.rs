@@ -84,6 +84,16 @@ fn log(line: Arguments<'_>) {
 async fn log_request(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    // The trace id from W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), so Flotilla can
+    // put this line next to the others of the same request.
+    let trace_id = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split('-').nth(1))
+        .filter(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|id| format!(" trace_id={id}"))
+        .unwrap_or_default();
     let started = Instant::now();
     let response = next.run(req).await;
     // Probes arrive every few seconds per instance; logging them would bury the real traffic.
@@ -91,7 +101,7 @@ async fn log_request(req: Request, next: Next) -> Response {
         return response;
     }
     log(format_args!(
-        "{method} {path} {} {}ms",
+        "{method} {path} {} {}ms{trace_id}",
         response.status().as_u16(),
         started.elapsed().as_millis()
     ));
