@@ -17,6 +17,7 @@
 //!   latency histogram, retries, calls in flight) and renders them into an [`Exposition`], the
 //!   Prometheus text format writer that the binary also uses for families of its own.
 
+pub mod level;
 pub mod logs;
 pub mod map;
 pub mod metrics;
@@ -24,6 +25,7 @@ pub mod span;
 pub mod traces;
 mod wire;
 
+pub use level::{Level, classify};
 pub use logs::{LogQuery, LogRecord, LogStore, Stream};
 pub use map::EdgeStats;
 pub use metrics::{Exposition, InFlightGuard, MetricType, Metrics, render_trace_store};
