@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// cannot drift apart.
 pub use flotilla_proxy::{BreakerState, BreakerView, Faults};
 
+/// `GET /v1/traces` lists [`TraceSummary`]s; `GET /v1/traces/{id}` is a [`TraceDetail`] of
+/// [`Span`]s; the map's edges carry [`EdgeStats`]: the telemetry crate's own wire types.
+pub use flotilla_telemetry::{EdgeStats, Span, TraceId, TraceSummary};
+
 /// `GET /v1/app`: the running fleet as a whole.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AppInfo {
@@ -70,6 +74,106 @@ pub struct InstanceView {
     pub last_exit: Option<String>,
     /// Why the last failing health check failed.
     pub last_error: Option<String>,
+}
+
+/// `GET /v1/traces/{id}`: every span held for one trace, by start time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TraceDetail {
+    pub trace_id: TraceId,
+    pub spans: Vec<Span>,
+}
+
+/// How well something serves: an instance set, a service, the whole app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// Every instance asked for is healthy.
+    Healthy,
+    /// Some are: it serves, with less room.
+    Degraded,
+    /// None are: calls to it fail.
+    Down,
+}
+
+impl HealthStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Degraded => "degraded",
+            Self::Down => "down",
+        }
+    }
+}
+
+impl std::fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `GET /v1/health`: instance health rolled up to services and the app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppHealth {
+    /// The worst of the services, except that the app is `degraded` rather than `down` while
+    /// some service still serves.
+    pub status: HealthStatus,
+    pub services: Vec<ServiceHealth>,
+}
+
+/// One service in `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceHealth {
+    pub name: String,
+    pub status: HealthStatus,
+    /// Instances passing health checks.
+    pub healthy: u32,
+    /// Instances the manifest asks for.
+    pub replicas: u32,
+    /// Why, in words: `1 of 2 instances healthy (orders-1: connection refused)`.
+    pub reason: String,
+}
+
+/// `GET /v1/map`: the services and who called whom over a recent window.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppMap {
+    /// The window the edges were observed in.
+    pub window_seconds: f64,
+    /// The gateway first, then the services in dependency order.
+    pub nodes: Vec<MapNode>,
+    /// Observed calls, sorted by caller then callee.
+    pub edges: Vec<MapEdge>,
+    /// Dependencies the manifest declares (`depends_on`) with no call in the window.
+    pub unused: Vec<Dependency>,
+}
+
+/// A service (or the gateway) on the map.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MapNode {
+    pub name: String,
+    pub health: HealthStatus,
+    /// Instances the manifest asks for.
+    pub instances: u32,
+    /// Instances passing health checks.
+    pub healthy: u32,
+    pub version: String,
+}
+
+/// Calls observed from one service to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MapEdge {
+    #[serde(flatten)]
+    pub stats: EdgeStats,
+    /// Whether the manifest expects the call: the caller's `depends_on` names the callee, or
+    /// for the gateway, a route leads to it. An undeclared edge is a dependency nobody wrote
+    /// down.
+    pub declared: bool,
+}
+
+/// A declared dependency: `caller` lists `callee` in `depends_on`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Dependency {
+    pub caller: String,
+    pub callee: String,
 }
 
 mod rfc3339 {

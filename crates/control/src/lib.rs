@@ -1,13 +1,17 @@
-//! The control plane's HTTP API: what `flotilla status`, `logs`, `chaos`, `down` and a separate
-//! `flotilla sidecar` talk to.
+//! The control plane's HTTP API: what `flotilla status`, `logs`, `chaos`, `traces`, `trace`,
+//! `map`, `down`, a separate `flotilla sidecar` and a Prometheus scraper talk to.
 //!
 //! It sits above the roles and sees them only through the [`Fleet`] trait, which the `flotilla`
-//! binary implements over the supervisor, registry, log store and the data plane's resilience
-//! board and fault table. [`router`] builds the axum
+//! binary implements over the supervisor, registry, log store, trace store, call metrics and the
+//! data plane's resilience board and fault table. [`router`] builds the axum
 //! router (tested without sockets), [`serve`] runs it on a listener until shutdown. The wire types
-//! live in [`api`], shared with the CLI. Errors are RFC 7807 problem+json.
+//! live in [`api`], shared with the CLI. Errors are RFC 7807 problem+json. What the fleet says
+//! about itself — traces, `/metrics`, health rolled up to the app, the application map — is
+//! served by the `observe` module.
 
 pub mod api;
+mod health;
+mod observe;
 mod openapi;
 
 use std::collections::BTreeMap;
@@ -16,18 +20,26 @@ use std::time::SystemTime;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use flotilla_telemetry::{LogQuery, LogRecord};
+use flotilla_telemetry::{LogQuery, LogRecord, Metrics, TraceStore};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-pub use api::{AppInfo, BreakerState, BreakerView, Faults, InstanceView, Phase, ServiceView};
+pub use api::{
+    AppHealth, AppInfo, AppMap, BreakerState, BreakerView, Dependency, EdgeStats, Faults,
+    HealthStatus, InstanceView, MapEdge, MapNode, Phase, ServiceHealth, ServiceView, TraceDetail,
+};
+
+/// The name the gateway goes by as a caller: in spans, metrics and on the map. The gateway's own
+/// `flotilla_gateway::CALLER`, repeated because roles do not depend on each other; the binary,
+/// which sees both, tests that they agree.
+pub const GATEWAY: &str = "gateway";
 
 /// What the control API can see and do; implemented by the process that runs the fleet.
 pub trait Fleet: Send + Sync + 'static {
@@ -45,6 +57,14 @@ pub trait Fleet: Send + Sync + 'static {
     fn set_faults(&self, service: &str, faults: Faults) -> Result<(), FaultError>;
     /// Stops injecting faults into `service`; false when none were injected.
     fn clear_faults(&self, service: &str) -> Result<bool, FaultError>;
+    /// The recent spans of every hop: `/v1/traces` and the map's edges.
+    fn trace_store(&self) -> &TraceStore;
+    /// The data plane's per-edge call counters, the core of `/metrics`.
+    fn metrics(&self) -> &Metrics;
+    /// Every `(caller, callee)` that a service's `depends_on` declares.
+    fn dependencies(&self) -> Vec<(String, String)>;
+    /// The services the gateway's routes lead to: the calls the gateway is expected to make.
+    fn routed_services(&self) -> Vec<String>;
 }
 
 /// Why faults could not be set or cleared.
@@ -74,6 +94,11 @@ pub fn router(fleet: Arc<dyn Fleet>) -> axum::Router {
         .route("/v1/breakers", get(breakers))
         .route("/v1/faults", get(faults))
         .route("/v1/logs", get(logs))
+        .route("/v1/traces", get(observe::traces))
+        .route("/v1/traces/{id}", get(observe::trace))
+        .route("/v1/health", get(observe::health))
+        .route("/v1/map", get(observe::map))
+        .route("/metrics", get(observe::metrics))
         .route("/v1/shutdown", post(shutdown))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -117,7 +142,7 @@ async fn services(State(fleet): State<Arc<dyn Fleet>>) -> Json<Vec<ServiceView>>
 async fn service(State(fleet): State<Arc<dyn Fleet>>, Path(name): Path<String>) -> Response {
     match fleet.services().into_iter().find(|s| s.name == name) {
         Some(found) => Json(found).into_response(),
-        None => unknown_service(name),
+        None => unknown_service(name).into_response(),
     }
 }
 
@@ -137,7 +162,7 @@ async fn service_faults(State(fleet): State<Arc<dyn Fleet>>, Path(name): Path<St
     if fleet.services().iter().any(|s| s.name == name) {
         no_faults(&name)
     } else {
-        unknown_service(name)
+        unknown_service(name).into_response()
     }
 }
 
@@ -165,7 +190,7 @@ async fn set_service_faults(
     };
     match fleet.set_faults(&name, faults.clone()) {
         Ok(()) => Json(faults).into_response(),
-        Err(e) => fault_problem(&e),
+        Err(e) => Problem::from(e).into_response(),
     }
 }
 
@@ -176,7 +201,7 @@ async fn clear_service_faults(
     match fleet.clear_faults(&name) {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => no_faults(&name),
-        Err(e) => fault_problem(&e),
+        Err(e) => Problem::from(e).into_response(),
     }
 }
 
@@ -188,16 +213,18 @@ fn no_faults(service: &str) -> Response {
     )
 }
 
-fn unknown_service(name: String) -> Response {
-    fault_problem(&FaultError::UnknownService(name))
+pub(crate) fn unknown_service(name: String) -> Problem {
+    FaultError::UnknownService(name).into()
 }
 
-fn fault_problem(error: &FaultError) -> Response {
-    let (status, title) = match error {
-        FaultError::UnknownService(_) => (StatusCode::NOT_FOUND, "unknown service"),
-        FaultError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid faults"),
-    };
-    problem(status, title, &error.to_string())
+impl From<FaultError> for Problem {
+    fn from(error: FaultError) -> Self {
+        let (status, title) = match error {
+            FaultError::UnknownService(_) => (StatusCode::NOT_FOUND, "unknown service"),
+            FaultError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid faults"),
+        };
+        Problem::new(status, title, error.to_string())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,18 +243,30 @@ struct LogParams {
 /// Upper bound on one logs answer, so a careless query cannot build a huge response.
 const MAX_LOG_LIMIT: usize = 10_000;
 
+/// A query string as `T`, or the 400 problem naming what was wrong with it (an unknown
+/// parameter, a value of the wrong type).
+pub(crate) type Params<T> = Result<Query<T>, QueryRejection>;
+
+pub(crate) fn read_query<T>(query: Params<T>) -> Result<T, Problem> {
+    query
+        .map(|Query(p)| p)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "bad query", e.body_text()))
+}
+
+/// `since` as a time, or the 400 problem explaining the forms it takes.
+pub(crate) fn since_param(since: Option<&str>) -> Result<Option<SystemTime>, Problem> {
+    since
+        .map(parse_since)
+        .transpose()
+        .map_err(|detail| Problem::new(StatusCode::BAD_REQUEST, "bad `since`", detail))
+}
+
 async fn logs(
     State(fleet): State<Arc<dyn Fleet>>,
-    params: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Query(params) = match params {
-        Ok(p) => p,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, "bad query", &e.body_text()),
-    };
-    let since = match params.since.as_deref().map(parse_since).transpose() {
-        Ok(since) => since,
-        Err(detail) => return problem(StatusCode::BAD_REQUEST, "bad `since`", &detail),
-    };
+    query: Params<LogParams>,
+) -> Result<Response, Problem> {
+    let params = read_query(query)?;
+    let since = since_param(params.since.as_deref())?;
     let query = LogQuery {
         service: params.service,
         instance: params.instance,
@@ -237,10 +276,10 @@ async fn logs(
     if let Some(service) = &query.service
         && !fleet.services().iter().any(|s| &s.name == service)
     {
-        return unknown_service(service.clone());
+        return Err(unknown_service(service.clone()));
     }
     if !params.follow {
-        return Json(fleet.logs(&query)).into_response();
+        return Ok(Json(fleet.logs(&query)).into_response());
     }
     // Subscribe before reading the backlog so no line falls between the two.
     let live = fleet.follow_logs();
@@ -268,14 +307,14 @@ async fn logs(
         line.push(b'\n');
         Ok::<_, std::io::Error>(line)
     });
-    (
+    Ok((
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/x-ndjson"),
         )],
         axum::body::Body::from_stream(lines),
     )
-        .into_response()
+        .into_response())
 }
 
 fn parse_since(text: &str) -> Result<SystemTime, String> {
@@ -317,6 +356,31 @@ async fn method_not_allowed() -> Response {
     )
 }
 
+/// An error answer on its way out, so handlers can return `Result<_, Problem>` and use `?`;
+/// it becomes problem+json through [`problem`] (and stays small, unlike a `Response`).
+#[derive(Debug)]
+pub(crate) struct Problem {
+    status: StatusCode,
+    title: &'static str,
+    detail: String,
+}
+
+impl Problem {
+    pub(crate) fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            title,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        problem(self.status, self.title, &self.detail)
+    }
+}
+
 /// The one place control API errors become RFC 7807 problem+json.
 pub fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
     let body = serde_json::json!({
@@ -337,7 +401,7 @@ pub fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
@@ -348,10 +412,14 @@ mod tests {
     use std::time::Duration;
     use tower::ServiceExt;
 
-    struct FakeFleet {
+    pub(crate) struct FakeFleet {
         logs: LogStore,
         stopped: AtomicBool,
         faults: Mutex<BTreeMap<String, Faults>>,
+        pub(crate) traces: TraceStore,
+        pub(crate) metrics: Metrics,
+        /// What `services` answers.
+        pub(crate) services: Mutex<Vec<ServiceView>>,
     }
 
     impl FakeFleet {
@@ -377,13 +445,7 @@ mod tests {
             }
         }
         fn services(&self) -> Vec<ServiceView> {
-            vec![ServiceView {
-                name: "orders".into(),
-                version: "1.0.0".into(),
-                replicas: 1,
-                healthy: 1,
-                instances: vec![],
-            }]
+            self.services.lock().expect("services").clone()
         }
         fn logs(&self, query: &LogQuery) -> Vec<Arc<LogRecord>> {
             self.logs.query(query)
@@ -429,13 +491,54 @@ mod tests {
                 .remove(service)
                 .is_some())
         }
+        fn trace_store(&self) -> &TraceStore {
+            &self.traces
+        }
+        fn metrics(&self) -> &Metrics {
+            &self.metrics
+        }
+        fn dependencies(&self) -> Vec<(String, String)> {
+            vec![
+                ("orders".into(), "stock".into()),
+                ("orders".into(), "payments".into()),
+            ]
+        }
+        fn routed_services(&self) -> Vec<String> {
+            vec!["orders".into()]
+        }
     }
 
-    fn fleet() -> Arc<FakeFleet> {
+    /// One healthy instance of `orders`.
+    pub(crate) fn orders() -> ServiceView {
+        ServiceView {
+            name: "orders".into(),
+            version: "1.0.0".into(),
+            replicas: 1,
+            healthy: 1,
+            instances: vec![InstanceView {
+                service: "orders".into(),
+                instance: "orders-1".into(),
+                pid: Some(4242),
+                port: Some(9001),
+                state: "running".into(),
+                health: "healthy".into(),
+                restarts: 2,
+                version: "1.0.0".into(),
+                uptime_seconds: Some(60),
+                last_exit: Some("exit status 1".into()),
+                last_error: None,
+            }],
+        }
+    }
+
+    pub(crate) fn fleet() -> Arc<FakeFleet> {
         let fleet = Arc::new(FakeFleet {
             logs: LogStore::new(100),
             stopped: AtomicBool::new(false),
             faults: Mutex::default(),
+            traces: TraceStore::new(1_000),
+            metrics: Metrics::new(),
+            services: Mutex::new(vec![orders()]),
         });
         for (service, line) in [("orders", "one"), ("catalog", "two"), ("orders", "three")] {
             fleet.logs.push(LogRecord {
@@ -449,7 +552,11 @@ mod tests {
         fleet
     }
 
-    async fn call(fleet: Arc<FakeFleet>, method: &str, uri: &str) -> (StatusCode, String, String) {
+    pub(crate) async fn call(
+        fleet: Arc<FakeFleet>,
+        method: &str,
+        uri: &str,
+    ) -> (StatusCode, String, String) {
         send(fleet, method, uri, "").await
     }
 
@@ -562,6 +669,11 @@ mod tests {
             "/v1/breakers",
             "/v1/faults",
             "/v1/services/{name}/faults",
+            "/v1/traces",
+            "/v1/traces/{id}",
+            "/v1/health",
+            "/v1/map",
+            "/metrics",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} undocumented");
         }
@@ -573,11 +685,29 @@ mod tests {
                 "{method} faults undocumented"
             );
         }
-        for schema in ["Breaker", "Faults"] {
+        for schema in [
+            "Breaker",
+            "Faults",
+            "TraceSummary",
+            "TraceDetail",
+            "Span",
+            "Health",
+            "ServiceHealth",
+            "Map",
+            "MapNode",
+            "MapEdge",
+            "Dependency",
+        ] {
             assert!(
                 doc["components"]["schemas"].get(schema).is_some(),
                 "{schema} schema missing"
             );
+        }
+        // Every reference points at something the document defines.
+        for reference in body.split("\"$ref\": \"").skip(1) {
+            let target = &reference[..reference.find('"').expect("closing quote")];
+            let pointer = target.trim_start_matches('#');
+            assert!(doc.pointer(pointer).is_some(), "dangling {target}");
         }
     }
 

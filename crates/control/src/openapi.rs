@@ -101,6 +101,56 @@ pub(crate) const DOCUMENT: &str = r##"{
         }
       }
     },
+    "/v1/traces": {
+      "get": {
+        "summary": "Recent traces: one per request through the gateway (or call between services), newest first",
+        "parameters": [
+          { "name": "service", "in": "query", "description": "Only traces with a span of this service (or gateway)", "schema": { "type": "string" } },
+          { "name": "errors", "in": "query", "description": "Only traces with a failed span", "schema": { "type": "boolean", "default": false } },
+          { "name": "slowest", "in": "query", "description": "The N longest traces, longest first, instead of the newest", "schema": { "type": "integer", "minimum": 0 } },
+          { "name": "since", "in": "query", "description": "Only traces that started after: a duration back from now (5m, 1h) or an RFC 3339 time", "schema": { "type": "string" } },
+          { "name": "limit", "in": "query", "description": "At most N traces (default 50, at most 1000)", "schema": { "type": "integer", "minimum": 0 } }
+        ],
+        "responses": {
+          "200": { "description": "Trace summaries", "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/TraceSummary" } } } } },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
+    "/v1/traces/{id}": {
+      "get": {
+        "summary": "Every span held for one trace, by start time",
+        "parameters": [ { "name": "id", "in": "path", "required": true, "description": "32 hexadecimal digits", "schema": { "type": "string", "pattern": "^[0-9a-fA-F]{32}$" } } ],
+        "responses": {
+          "200": { "description": "The trace", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/TraceDetail" } } } },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
+    "/v1/health": {
+      "get": {
+        "summary": "Instance health rolled up to services and the app, with the reason",
+        "responses": { "200": { "description": "The app's health", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Health" } } } } }
+      }
+    },
+    "/v1/map": {
+      "get": {
+        "summary": "The application map: services with their health, and the calls between them observed over a window",
+        "parameters": [ { "name": "window", "in": "query", "description": "How far back calls count, 1s to 24h (default 5m)", "schema": { "type": "string", "default": "5m" } } ],
+        "responses": {
+          "200": { "description": "The map", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Map" } } } },
+          "400": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
+    "/metrics": {
+      "get": {
+        "summary": "Prometheus metrics: calls per edge by status class, latency histograms, calls in flight, retries, breaker states, instance restarts and health, dropped spans",
+        "responses": { "200": { "description": "Text exposition format 0.0.4", "content": { "text/plain; version=0.0.4": { "schema": { "type": "string" } } } } }
+      }
+    },
     "/v1/shutdown": {
       "post": {
         "summary": "Stop every service gracefully, then the fleet process",
@@ -191,6 +241,118 @@ pub(crate) const DOCUMENT: &str = r##"{
           "times_opened": { "type": "integer", "description": "How often it opened (or the instance was ejected)" },
           "retry_in_ms": { "type": "integer", "description": "While open: milliseconds until probes are let through (or the instance returns)" }
         }
+      },
+      "TraceSummary": {
+        "type": "object",
+        "required": ["trace_id", "root_service", "root_name", "start", "duration", "spans", "services", "error"],
+        "properties": {
+          "trace_id": { "type": "string", "pattern": "^[0-9a-f]{32}$" },
+          "root_service": { "type": "string", "description": "Service of the root span, or of the earliest span held when the root is missing" },
+          "root_name": { "type": "string" },
+          "start": { "type": "string", "format": "date-time" },
+          "duration": { "type": "integer", "description": "Microseconds: the root span's, or from the earliest start to the latest end when the root is missing" },
+          "spans": { "type": "integer", "description": "Spans held for the trace" },
+          "services": { "type": "array", "items": { "type": "string" }, "description": "Every service with a span in the trace, sorted" },
+          "error": { "type": "boolean", "description": "Whether any span failed: status error, or an HTTP status of 500 or more" }
+        }
+      },
+      "TraceDetail": {
+        "type": "object",
+        "required": ["trace_id", "spans"],
+        "properties": {
+          "trace_id": { "type": "string", "pattern": "^[0-9a-f]{32}$" },
+          "spans": { "type": "array", "items": { "$ref": "#/components/schemas/Span" }, "description": "By start time, a parent before its children when they start together" }
+        }
+      },
+      "Span": {
+        "type": "object",
+        "required": ["trace_id", "span_id", "parent_span_id", "service", "instance", "name", "kind", "start", "duration", "status", "http"],
+        "properties": {
+          "trace_id": { "type": "string", "pattern": "^[0-9a-f]{32}$" },
+          "span_id": { "type": "string", "pattern": "^[0-9a-f]{16}$" },
+          "parent_span_id": { "type": ["string", "null"], "pattern": "^[0-9a-f]{16}$" },
+          "service": { "type": "string", "description": "The service the span belongs to, or gateway" },
+          "instance": { "type": ["string", "null"], "description": "The instance, when known (orders-2)" },
+          "name": { "type": "string" },
+          "kind": { "enum": ["internal", "server", "client", "producer", "consumer"], "description": "client at the caller's side of a hop, server at the callee's" },
+          "start": { "type": "string", "format": "date-time" },
+          "duration": { "type": "integer", "description": "Microseconds" },
+          "status": { "enum": ["unset", "ok", "error"] },
+          "status_message": { "type": "string", "description": "Why it failed, when it did without an answer" },
+          "http": {
+            "type": "object",
+            "properties": {
+              "method": { "type": ["string", "null"] },
+              "path": { "type": ["string", "null"] },
+              "status": { "type": ["integer", "null"] },
+              "peer_service": { "type": ["string", "null"], "description": "The callee for a client span, the caller for a server span" },
+              "attempts": { "type": ["integer", "null"], "description": "Tries the call took" },
+              "breaker": { "type": ["string", "null"], "description": "The caller's breaker for the callee after the call" }
+            }
+          },
+          "attributes": { "type": "array", "items": { "type": "array", "prefixItems": [ { "type": "string" }, { "type": ["string", "number", "boolean"] } ], "minItems": 2, "maxItems": 2 }, "description": "Other attributes as [key, value] pairs" }
+        }
+      },
+      "HealthStatus": { "enum": ["healthy", "degraded", "down"], "description": "healthy: every instance asked for is; degraded: some are; down: none are" },
+      "Health": {
+        "type": "object",
+        "required": ["status", "services"],
+        "properties": {
+          "status": { "$ref": "#/components/schemas/HealthStatus", "description": "The worst of the services, but degraded rather than down while some service is not down" },
+          "services": { "type": "array", "items": { "$ref": "#/components/schemas/ServiceHealth" } }
+        }
+      },
+      "ServiceHealth": {
+        "type": "object",
+        "required": ["name", "status", "healthy", "replicas", "reason"],
+        "properties": {
+          "name": { "type": "string" },
+          "status": { "$ref": "#/components/schemas/HealthStatus" },
+          "healthy": { "type": "integer", "description": "Instances passing health checks" },
+          "replicas": { "type": "integer", "description": "Instances the manifest asks for" },
+          "reason": { "type": "string", "description": "e.g. 1 of 2 instances healthy (orders-1: connection refused)" }
+        }
+      },
+      "Map": {
+        "type": "object",
+        "required": ["window_seconds", "nodes", "edges", "unused"],
+        "properties": {
+          "window_seconds": { "type": "number" },
+          "nodes": { "type": "array", "items": { "$ref": "#/components/schemas/MapNode" }, "description": "The gateway, then the services in dependency order" },
+          "edges": { "type": "array", "items": { "$ref": "#/components/schemas/MapEdge" }, "description": "Calls observed in the window, by caller then callee" },
+          "unused": { "type": "array", "items": { "$ref": "#/components/schemas/Dependency" }, "description": "depends_on entries with no call in the window" }
+        }
+      },
+      "MapNode": {
+        "type": "object",
+        "required": ["name", "health", "instances", "healthy", "version"],
+        "properties": {
+          "name": { "type": "string" },
+          "health": { "$ref": "#/components/schemas/HealthStatus" },
+          "instances": { "type": "integer", "description": "Instances the manifest asks for" },
+          "healthy": { "type": "integer" },
+          "version": { "type": "string" }
+        }
+      },
+      "MapEdge": {
+        "type": "object",
+        "required": ["caller", "callee", "requests", "errors", "requests_per_second", "error_rate", "p50_ms", "p99_ms", "declared"],
+        "properties": {
+          "caller": { "type": "string" },
+          "callee": { "type": "string" },
+          "requests": { "type": "integer" },
+          "errors": { "type": "integer", "description": "Calls that failed: no answer, or a status of 500 or more" },
+          "requests_per_second": { "type": "number", "description": "requests over the window's length" },
+          "error_rate": { "type": "number", "description": "errors / requests, 0 to 1" },
+          "p50_ms": { "type": "number", "description": "Median call duration in milliseconds" },
+          "p99_ms": { "type": "number", "description": "99th percentile call duration in milliseconds" },
+          "declared": { "type": "boolean", "description": "The caller's depends_on names the callee (for the gateway: a route leads to it)" }
+        }
+      },
+      "Dependency": {
+        "type": "object",
+        "required": ["caller", "callee"],
+        "properties": { "caller": { "type": "string" }, "callee": { "type": "string" } }
       },
       "LogRecord": {
         "type": "object",

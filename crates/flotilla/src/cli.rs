@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +31,12 @@ pub enum Command {
     Check(CheckArgs),
     /// Inject delays and errors into every call to a service, or list and clear them
     Chaos(ChaosArgs),
+    /// List recent traces: one per request, with every hop it took
+    Traces(TracesArgs),
+    /// Show one trace as a waterfall of its hops
+    Trace(TraceArgs),
+    /// Show the application map: services, their health and the calls between them
+    Map(MapArgs),
     /// Run one instance's sidecar as a separate process, fed by a fleet's control API
     Sidecar(SidecarArgs),
 }
@@ -144,6 +150,64 @@ pub struct ChaosArgs {
     /// The faults in force as one JSON object, service → faults
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TracesArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Only traces with a span of this service (or `gateway`)
+    #[arg(long, value_name = "SERVICE")]
+    pub service: Option<String>,
+    /// Only traces where something failed
+    #[arg(long)]
+    pub errors: bool,
+    /// The N longest traces, longest first, instead of the newest
+    #[arg(long, value_name = "N")]
+    pub slowest: Option<usize>,
+    /// Only traces newer than this (`30s`, `5m`, `2h`) or an RFC 3339 time
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// At most this many traces [default: 50]
+    #[arg(long, short = 'n', value_name = "N")]
+    pub limit: Option<usize>,
+    /// One JSON array of trace summaries
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The trace id, as `flotilla traces` lists it
+    pub id: String,
+    #[command(flatten)]
+    pub target: Target,
+    /// The spans as JSON instead of a waterfall
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// How far back calls count (`30s`, `5m`, `1h`)
+    #[arg(long, value_name = "DUR", default_value = "5m")]
+    pub window: String,
+    /// How to draw it: text for the terminal, dot for Graphviz, mermaid for Markdown, json
+    #[arg(long, value_enum, default_value_t = MapFormat::Text)]
+    pub format: MapFormat,
+    /// Same as `--format json`
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MapFormat {
+    Text,
+    Dot,
+    Mermaid,
+    Json,
 }
 
 #[derive(Debug, Args)]

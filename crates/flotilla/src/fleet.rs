@@ -1,5 +1,6 @@
-//! The running fleet as the control API sees it: the supervisor, registry, log store and the
-//! data plane's resilience (breakers, injected faults) behind the `Fleet` trait.
+//! The running fleet as the control API sees it: the supervisor, registry, log store, the
+//! telemetry stores and the data plane's resilience (breakers, injected faults) behind the
+//! `Fleet` trait.
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -11,7 +12,7 @@ use flotilla_manifest::Manifest;
 use flotilla_proxy::Resilience;
 use flotilla_registry::Registry;
 use flotilla_supervisor::Supervisor;
-use flotilla_telemetry::{LogQuery, LogRecord, LogStore};
+use flotilla_telemetry::{LogQuery, LogRecord, LogStore, Metrics, TraceStore};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +24,10 @@ pub struct RunningFleet {
     /// Shared with the gateway and every in-process sidecar: their breakers and the faults they
     /// inject.
     pub resilience: Resilience,
+    /// The spans every stack records, shared with them through `resilience.observer`.
+    pub traces: Arc<TraceStore>,
+    /// The call counters every stack records, shared the same way.
+    pub metrics: Arc<Metrics>,
     pub gateway_url: String,
     pub control_url: String,
     pub started_at: SystemTime,
@@ -135,6 +140,35 @@ impl Fleet for RunningFleet {
     fn clear_faults(&self, service: &str) -> Result<bool, FaultError> {
         self.known(service)?;
         Ok(self.resilience.faults.clear(service))
+    }
+
+    fn trace_store(&self) -> &TraceStore {
+        &self.traces
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn dependencies(&self) -> Vec<(String, String)> {
+        self.manifest
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.depends_on
+                    .iter()
+                    .map(|callee| (s.name.to_string(), callee.to_string()))
+            })
+            .collect()
+    }
+
+    fn routed_services(&self) -> Vec<String> {
+        self.manifest
+            .gateway
+            .routes
+            .iter()
+            .map(|r| r.service.to_string())
+            .collect()
     }
 }
 

@@ -7,9 +7,12 @@ mod cli;
 mod client;
 mod fleet;
 mod logs;
+mod map;
 mod output;
 mod sidecar;
 mod status;
+mod telemetry;
+mod traces;
 mod up;
 
 use std::process::ExitCode;
@@ -39,6 +42,9 @@ fn main() -> ExitCode {
             Command::Logs(args) => logs::run(args).await,
             Command::Check(args) => check::run(args),
             Command::Chaos(args) => chaos::run(args).await,
+            Command::Traces(args) => traces::list(args).await,
+            Command::Trace(args) => traces::show(args).await,
+            Command::Map(args) => map::run(args).await,
             Command::Sidecar(args) => sidecar::run(args).await,
         }
     });

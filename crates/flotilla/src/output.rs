@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_telemetry::{LogRecord, Stream};
 
@@ -19,6 +20,9 @@ pub fn stderr_is_terminal() -> bool {
 
 const RESET: &str = "\x1b[0m";
 const BOLD_RED: &str = "\x1b[1;31m";
+const RED: &str = "\x1b[31m";
+const GREEN: &str = "\x1b[32m";
+const YELLOW: &str = "\x1b[33m";
 const DIM: &str = "\x1b[2m";
 /// Distinct, readable colours for service prefixes, assigned by a hash of the name so a service
 /// keeps its colour from run to run.
@@ -77,28 +81,131 @@ pub fn uptime(seconds: u64) -> String {
     }
 }
 
-/// Left-aligned columns, each as wide as its widest cell.
+/// Left-aligned columns under a header, each as wide as its widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    columns(std::iter::once(&header).chain(rows))
+}
+
+/// Left-aligned columns, each as wide as its widest cell; cells may be coloured.
+pub fn columns<'a>(rows: impl IntoIterator<Item = &'a Vec<String>> + Clone) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows.clone() {
+        widths.resize(widths.len().max(row.len()), 0);
         for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
+            *width = (*width).max(visible_width(cell));
         }
     }
     let mut out = String::new();
-    let mut push_row = |cells: &mut dyn Iterator<Item = &str>| {
+    for row in rows {
         let mut line = String::new();
-        for (cell, width) in cells.zip(&widths) {
-            line.push_str(&format!("{cell:<width$}  "));
+        for (cell, width) in row.iter().zip(&widths) {
+            line.push_str(cell);
+            line.extend(std::iter::repeat_n(' ', width - visible_width(cell) + 2));
         }
         out.push_str(line.trim_end());
         out.push('\n');
-    };
-    push_row(&mut header.iter().copied());
-    for row in rows {
-        push_row(&mut row.iter().map(String::as_str));
     }
     out
+}
+
+/// Characters a terminal shows: colour escapes (`ESC [ ... m`) take no room.
+fn visible_width(text: &str) -> usize {
+    let mut width = 0;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            width += 1;
+        }
+    }
+    width
+}
+
+/// `text` in red when `colour`, else as it is.
+pub fn red(text: &str, colour: bool) -> String {
+    paint(text, RED, colour)
+}
+
+/// Health as a word, green, yellow or red when `colour`.
+pub fn health(status: flotilla_control::HealthStatus, colour: bool) -> String {
+    use flotilla_control::HealthStatus;
+    let tint = match status {
+        HealthStatus::Healthy => GREEN,
+        HealthStatus::Degraded => YELLOW,
+        HealthStatus::Down => RED,
+    };
+    paint(status.as_str(), tint, colour)
+}
+
+fn paint(text: &str, tint: &str, colour: bool) -> String {
+    if colour {
+        format!("{tint}{text}{RESET}")
+    } else {
+        text.to_owned()
+    }
+}
+
+/// A latency in milliseconds as people read it: `850µs`, `3.2ms`, `12ms`, `1.25s`, `2m05s`.
+pub fn millis(ms: f64) -> String {
+    let fixed = if ms < 1.0 {
+        format!("{:.0}µs", ms * 1000.0)
+    } else if ms < 10.0 {
+        format!("{ms:.1}ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.0}ms")
+    } else if ms < 60_000.0 {
+        format!("{:.2}s", ms / 1000.0)
+    } else {
+        return uptime((ms / 1000.0) as u64);
+    };
+    // `3.0ms` says no more than `3ms`.
+    fixed.replace(".0ms", "ms")
+}
+
+pub fn duration(d: Duration) -> String {
+    millis(d.as_secs_f64() * 1000.0)
+}
+
+/// A time in the local time zone: `15:04:05.123` when it is today, else with the date.
+pub fn local_time(t: SystemTime) -> String {
+    let (Some(then), Some(today)) = (local(t), local(SystemTime::now())) else {
+        // No time zone information: UTC, marked as such.
+        return humantime::format_rfc3339_millis(t).to_string();
+    };
+    let millis = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_millis();
+    let time = format!(
+        "{:02}:{:02}:{:02}.{millis:03}",
+        then.tm_hour, then.tm_min, then.tm_sec
+    );
+    if (then.tm_year, then.tm_yday) == (today.tm_year, today.tm_yday) {
+        time
+    } else {
+        format!(
+            "{}-{:02}-{:02} {time}",
+            then.tm_year + 1900,
+            then.tm_mon + 1,
+            then.tm_mday
+        )
+    }
+}
+
+/// The broken-down local time, per the C library's time zone (`TZ`, `/etc/localtime`): the
+/// standard library has no time zones, and the CLI needs this one conversion only.
+fn local(t: SystemTime) -> Option<libc::tm> {
+    let seconds = libc::time_t::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_secs()).ok()?;
+    #[allow(unsafe_code)]
+    // SAFETY: `tm` is plain integers (and a pointer localtime_r sets to static data), for which
+    // all zeros is a valid value; localtime_r writes only into the `tm` it is given and is
+    // thread-safe, unlike localtime.
+    unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        (!libc::localtime_r(&seconds, &mut tm).is_null()).then_some(tm)
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +218,36 @@ mod tests {
         assert_eq!(uptime(192), "3m12s");
         assert_eq!(uptime(7_500), "2h05m");
         assert_eq!(uptime(2 * 86_400 + 3 * 3600), "2d03h");
+    }
+
+    #[test]
+    fn latencies_read_naturally() {
+        assert_eq!(millis(0.85), "850µs");
+        assert_eq!(millis(3.0), "3ms");
+        assert_eq!(millis(3.24), "3.2ms");
+        assert_eq!(millis(12.4), "12ms");
+        assert_eq!(millis(1_250.0), "1.25s");
+        assert_eq!(millis(125_000.0), "2m05s");
+        assert_eq!(duration(Duration::from_micros(14_200)), "14ms");
+    }
+
+    #[test]
+    fn local_times_are_short_today() {
+        let now = local_time(SystemTime::now());
+        assert_eq!(now.len(), "15:04:05.123".len(), "{now}");
+        let long_ago = local_time(UNIX_EPOCH + Duration::from_secs(86_400 * 400));
+        assert!(long_ago.starts_with("1971-02-"), "{long_ago}");
+    }
+
+    #[test]
+    fn colour_takes_no_room_in_columns() {
+        let rows = vec![
+            vec![red("down", true), "x".into()],
+            vec!["healthy".into(), "y".into()],
+        ];
+        let plain = columns(&rows).replace(RED, "").replace(RESET, "");
+        assert_eq!(plain, "down     x\nhealthy  y\n");
+        assert_eq!(red("down", false), "down");
     }
 
     #[test]

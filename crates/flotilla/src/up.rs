@@ -31,6 +31,7 @@ use crate::client::{self, Control, FleetFile};
 use crate::fleet::RunningFleet;
 use crate::output;
 use crate::status;
+use crate::telemetry::Telemetry;
 
 /// Lines kept in memory for `flotilla logs`.
 const LOG_CAPACITY: usize = 50_000;
@@ -97,7 +98,12 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     let inner_stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let resilience = Resilience::new(Policies::from_manifest(&manifest));
+    let telemetry = Telemetry::new();
+    let mut resilience = Resilience::new(Policies::from_manifest(&manifest));
+    // Set before any stack gets its clone: a stack reads the observer once, when it is built.
+    if manifest.telemetry.enabled {
+        resilience.observer = Some(Arc::new(telemetry.clone()));
+    }
     announce_breakers(&resilience, &manifest, &logs);
     let sidecars = start_sidecars(&manifest, &discovery, &resilience, &tasks, &inner_stop).await?;
     let supervisor = Supervisor::new(SupervisorConfig {
@@ -114,6 +120,8 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         registry: registry.clone(),
         logs: logs.clone(),
         resilience: resilience.clone(),
+        traces: telemetry.traces,
+        metrics: telemetry.metrics,
         gateway_url: gateway_url.clone(),
         control_url: control_url.clone(),
         started_at: SystemTime::now(),

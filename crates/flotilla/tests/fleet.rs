@@ -891,3 +891,328 @@ fn a_separate_sidecar_proxies_to_the_fleet() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+/// `front` relays every request to `back` through its sidecar and declares a dependency on
+/// `spare` that it never calls.
+const RELAY: &str = r#"
+app = "relay"
+
+[[gateway.routes]]
+prefix = "/front"
+service = "front"
+rewrite = "/"
+
+[services.back]
+run = "python3 echo.py"
+health = { interval = "200ms" }
+
+[services.spare]
+run = "python3 echo.py"
+health = { interval = "200ms" }
+
+[services.front]
+run = "python3 relay.py"
+depends_on = ["back", "spare"]
+health = { interval = "200ms" }
+"#;
+
+/// A service that answers each request by calling `back` with the same path: through its
+/// sidecar (urllib reads `http_proxy`), passing the `traceparent` on, as a service must for its
+/// calls to join the trace of the request that caused them.
+const RELAY_SERVICE: &str = r#"
+import json, signal, threading, urllib.error, urllib.request
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path == "/healthz":
+            status, body = 200, b'{"status":"ok"}'
+        else:
+            headers = {"traceparent": self.headers["traceparent"]} if self.headers["traceparent"] else {}
+            request = urllib.request.Request("http://back" + self.path, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    status, body = answer.status, answer.read()
+            except urllib.error.HTTPError as e:
+                status, body = e.code, e.read()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+server.serve_forever()
+"#;
+
+/// The one span of `spans` with this service and kind.
+fn span_of<'a>(spans: &'a [Value], service: &str, kind: &str) -> &'a Value {
+    let found: Vec<&Value> = spans
+        .iter()
+        .filter(|s| s["service"] == service && s["kind"] == kind)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} span of {service}: {spans:#?}");
+    found[0]
+}
+
+#[test]
+fn calls_are_traced_measured_and_mapped() {
+    let app = App::new(RELAY);
+    std::fs::write(app.path().join("relay.py"), RELAY_SERVICE).expect("write relay.py");
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let dir = app.path_str();
+
+    for _ in 0..3 {
+        let answer = get(&format!("{}/front/hello", fleet.gateway));
+        assert_eq!(answer.status(), 200, "{}", fleet.output());
+        let echoed: Value = answer.json().expect("json");
+        assert_eq!(echoed["service"], "back", "relayed through front's sidecar");
+        assert_eq!(echoed["path"], "/hello");
+    }
+
+    // Listed: one trace per request, each through all three hops' services.
+    let mut traces = Vec::new();
+    wait_until("three complete traces", Duration::from_secs(10), || {
+        traces = get_json(&format!("{}/v1/traces?service=back", fleet.control))
+            .and_then(|t| t.as_array().cloned())
+            .unwrap_or_default();
+        traces.len() == 3 && traces.iter().all(|t| t["spans"] == 4)
+    });
+    let summary = &traces[0];
+    assert_eq!(
+        summary["services"],
+        serde_json::json!(["back", "front", "gateway"])
+    );
+    assert_eq!(summary["root_service"], "gateway");
+    assert_eq!(summary["error"], false);
+    let id = summary["trace_id"].as_str().expect("trace id").to_owned();
+
+    // One trace: gateway (client) → front (server) → front (client) → back (server).
+    let trace = get_json(&format!("{}/v1/traces/{id}", fleet.control)).expect("trace");
+    assert_eq!(trace["trace_id"], id.as_str());
+    let spans = trace["spans"].as_array().expect("spans").clone();
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    assert!(spans.iter().all(|s| s["trace_id"] == id.as_str()));
+    let gateway = span_of(&spans, "gateway", "client");
+    let front_in = span_of(&spans, "front", "server");
+    let front_out = span_of(&spans, "front", "client");
+    let back = span_of(&spans, "back", "server");
+    assert_eq!(gateway["parent_span_id"], Value::Null, "the root");
+    assert_eq!(front_in["parent_span_id"], gateway["span_id"]);
+    assert_eq!(front_out["parent_span_id"], front_in["span_id"]);
+    assert_eq!(back["parent_span_id"], front_out["span_id"]);
+    assert_eq!(gateway["http"]["peer_service"], "front");
+    assert_eq!(front_out["http"]["peer_service"], "back");
+    assert_eq!(front_in["instance"], "front-1");
+    assert_eq!(back["http"]["status"], 200);
+    let unknown = get(&format!(
+        "{}/v1/traces/4bf92f3577b34da6a3ce929d0e0e4736",
+        fleet.control
+    ));
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(
+        get(&format!("{}/v1/traces/nope", fleet.control)).status(),
+        400
+    );
+
+    // The CLI: a table of traces, and the waterfall with children indented under parents.
+    let listed = run(&["traces", "-C", dir]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let table = text(&listed.stdout);
+    assert!(table.starts_with("TRACE "), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("gateway: GET front")),
+        "{table}"
+    );
+    let slowest = run(&["traces", "-C", dir, "--slowest", "1", "--json"]);
+    assert!(slowest.status.success(), "{}", text(&slowest.stderr));
+    let slowest: Vec<Value> = serde_json::from_slice(&slowest.stdout).expect("json");
+    assert_eq!(slowest.len(), 1);
+    let refused = run(&["traces", "-C", dir, "--service", "nosuch"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("no service named `nosuch`"));
+
+    let shown = run(&["trace", &id, "-C", dir]);
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+    let waterfall = text(&shown.stdout);
+    println!("{waterfall}");
+    assert!(!waterfall.contains('\x1b'), "no colour off a terminal");
+    let lines: Vec<&str> = waterfall.lines().collect();
+    assert_eq!(lines.len(), 5, "{waterfall}");
+    assert!(
+        lines[0].starts_with(&format!("trace {id}  ")),
+        "{waterfall}"
+    );
+    assert!(
+        lines[0].ends_with("4 spans  back, front, gateway"),
+        "{waterfall}"
+    );
+    for (line, start) in lines[1..].iter().zip([
+        "gateway  GET front ",
+        "  front/front-1  GET /hello ",
+        "    front/front-1  GET back ",
+        "      back/back-1  GET /hello ",
+    ]) {
+        assert!(line.starts_with(start), "{start:?} in\n{waterfall}");
+        assert!(line.contains(" |") && line.contains("█"), "{waterfall}");
+    }
+    let bad = run(&["trace", "nope", "-C", dir]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("not a trace id"),
+        "{}",
+        text(&bad.stderr)
+    );
+
+    // Metrics: per edge and per instance, in a well-formed exposition.
+    let response = get(&format!("{}/metrics", fleet.control));
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .is_ok_and(|t| t.starts_with("text/plain; version=0.0.4")),
+    );
+    let metrics = response.text().expect("metrics");
+    for line in [
+        r#"flotilla_requests_total{caller="gateway",callee="front",class="2xx"} 3"#,
+        r#"flotilla_requests_total{caller="front",callee="back",class="2xx"} 3"#,
+        r#"flotilla_requests_total{caller="front",callee="back",class="5xx"} 0"#,
+        r#"flotilla_request_duration_seconds_count{caller="front",callee="back"} 3"#,
+        r#"flotilla_requests_in_flight{caller="gateway",callee="front"} 0"#,
+        r#"flotilla_retries_total{caller="front",callee="back"} 0"#,
+        r#"flotilla_breaker_state{caller="gateway",service="front"} 0"#,
+        r#"flotilla_breaker_state{caller="front-1",service="back"} 0"#,
+        r#"flotilla_instance_restarts_total{service="spare",instance="spare-1"} 0"#,
+        r#"flotilla_instance_up{service="back",instance="back-1"} 1"#,
+        "flotilla_spans_dropped_total 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains(
+        r#"flotilla_request_duration_seconds_bucket{caller="gateway",callee="front",le="+Inf"} 3"#
+    ));
+    check_with("promtool", &["check", "metrics"], &metrics);
+
+    // Health: every service has its one instance healthy.
+    let health = get_json(&format!("{}/v1/health", fleet.control)).expect("health");
+    assert_eq!(health["status"], "healthy", "{health}");
+    let services = health["services"].as_array().expect("services");
+    assert_eq!(services.len(), 3);
+    for service in services {
+        assert_eq!(service["status"], "healthy", "{service}");
+        assert_eq!(service["reason"], "1 of 1 instances healthy");
+    }
+
+    // The map: both observed edges, declared, and front's unused dependency on spare.
+    let map = get_json(&format!("{}/v1/map?window=5m", fleet.control)).expect("map");
+    assert_eq!(map["window_seconds"], 300.0);
+    let nodes: Vec<&str> = map["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(nodes, ["gateway", "back", "spare", "front"]);
+    let edges: Vec<(&str, &str, u64, bool)> = map["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|e| {
+            (
+                e["caller"].as_str().unwrap_or_default(),
+                e["callee"].as_str().unwrap_or_default(),
+                e["requests"].as_u64().unwrap_or_default(),
+                e["declared"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        edges,
+        [("front", "back", 3, true), ("gateway", "front", 3, true)]
+    );
+    assert_eq!(
+        map["unused"],
+        serde_json::json!([{"caller": "front", "callee": "spare"}])
+    );
+    assert_eq!(
+        get(&format!("{}/v1/map?window=forever", fleet.control)).status(),
+        400
+    );
+
+    let drawn = run(&["map", "-C", dir]);
+    assert!(drawn.status.success(), "{}", text(&drawn.stderr));
+    let drawn = text(&drawn.stdout);
+    println!("{drawn}");
+    assert!(
+        drawn
+            .lines()
+            .any(|l| l.starts_with("  front → back ") && l.contains(" req/s  0.0% errors  p50 ")),
+        "{drawn}"
+    );
+    assert!(
+        drawn.ends_with("declared in depends_on, no calls in the last 5m:\n  front → spare\n"),
+        "{drawn}"
+    );
+    let dot = run(&["map", "-C", dir, "--format", "dot"]);
+    assert!(dot.status.success(), "{}", text(&dot.stderr));
+    let dot = text(&dot.stdout);
+    assert!(dot.starts_with("digraph flotilla {"), "{dot}");
+    assert!(
+        dot.contains(r#""front" -> "spare" [label="unused""#),
+        "{dot}"
+    );
+    check_with("dot", &["-Tsvg", "-o", "/dev/null"], &dot);
+    let mermaid = run(&["map", "-C", dir, "--format", "mermaid"]);
+    assert!(text(&mermaid.stdout).starts_with("graph LR\n"));
+    let json = run(&["map", "-C", dir, "--window", "1m", "--json"]);
+    let json: Value = serde_json::from_slice(&json.stdout).expect("map json");
+    assert_eq!(json["window_seconds"], 60.0);
+}
+
+/// Feeds `input` to `program ARGS` (a linter: `promtool`, Graphviz' `dot`) and asserts it is
+/// accepted, when the program is installed; prints a note and checks nothing when it is not.
+fn check_with(program: &str, args: &[&str], input: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!(
+                "note: {program} is not on PATH; `{program} {}` was skipped",
+                args.join(" ")
+            );
+            return;
+        }
+        Err(e) => panic!("{program}: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .unwrap_or_else(|e| panic!("write to {program}: {e}"));
+    let output = child.wait_with_output().expect(program);
+    assert!(
+        output.status.success(),
+        "{program} {} refused it:\n{}{}\n{input}",
+        args.join(" "),
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}

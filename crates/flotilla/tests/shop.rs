@@ -53,6 +53,7 @@ fn the_shop_takes_an_order_through_the_gateway() {
         .expect("read back");
     assert_eq!(read["id"], id.as_str());
     assert_eq!(read["items"][0]["qty"], 2);
+    one_trace_through_every_service(&fleet, &api, &sku);
 
     // Bad input is a 4xx problem, never a 500.
     let bad = post_raw(&format!("{api}/orders"), "{not json");
@@ -192,6 +193,48 @@ fn cascade(fleet: &Fleet, api: &str, sku: &str) {
     wait_until("orders to succeed again", Duration::from_secs(30), || {
         post_json(&format!("{api}/orders"), &order).status() == 201
     });
+}
+
+/// An order taken with a known `traceparent` is one trace: the gateway's call to orders, and
+/// under orders' server span its calls to catalog, inventory, payments and shipping.
+fn one_trace_through_every_service(fleet: &Fleet, api: &str, sku: &str) {
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let created = client()
+        .post(format!("{api}/orders"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"customer": "tracy", "items": [{"sku": sku, "qty": 1}]}))
+        .send()
+        .expect("POST order");
+    assert_eq!(created.status(), 201);
+    let trace: Value = get(&format!("{}/v1/traces/{trace_id}", fleet.control))
+        .json()
+        .expect("the trace");
+    let spans = trace["spans"].as_array().expect("spans");
+    let find = |service: &str, kind: &str, peer: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                s["service"] == service && s["kind"] == kind && s["http"]["peer_service"] == peer
+            })
+            .unwrap_or_else(|| panic!("a {kind} span of {service} with {peer}: {spans:#?}"))
+    };
+    let gateway = find("gateway", "client", "orders");
+    assert_eq!(gateway["parent_span_id"], "00f067aa0ba902b7");
+    let orders = find("orders", "server", "gateway");
+    assert_eq!(orders["parent_span_id"], gateway["span_id"]);
+    for callee in ["catalog", "inventory", "payments", "shipping"] {
+        let call = find("orders", "client", callee);
+        assert_eq!(
+            call["parent_span_id"], orders["span_id"],
+            "orders → {callee}"
+        );
+        let served = find(callee, "server", "orders");
+        assert_eq!(
+            served["parent_span_id"], call["span_id"],
+            "{callee} under its caller"
+        );
+    }
+    assert!(spans.iter().all(|s| s["trace_id"] == trace_id));
 }
 
 fn slowest_of(times: usize, mut call: impl FnMut()) -> Duration {

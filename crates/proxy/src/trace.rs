@@ -264,7 +264,9 @@ impl Call {
             "PATCH" => Cow::Borrowed("PATCH"),
             other => Cow::Owned(other.to_owned()),
         };
-        let client_failed = ending.error.is_some() || ending.status.is_some_and(|s| s >= 400);
+        // A 4xx is the callee answering as designed; only failures to answer count, so error
+        // rates in the map and `--errors` mean the same on both sides of a hop.
+        let client_failed = ending.error.is_some() || ending.status.is_some_and(|s| s >= 500);
         let client = Span {
             trace_id: self.trace_id,
             span_id: self.client,

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::span::SpanKind;
-use crate::traces::{TraceStore, failed};
+use crate::traces::TraceStore;
 
 /// Calls from one service to another within a window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,7 +57,7 @@ impl TraceStore {
                 None => by_callee.entry(callee.clone()).or_default(),
             };
             tally.durations.push(span.duration);
-            tally.errors += u64::from(failed(span));
+            tally.errors += u64::from(span.is_error());
         });
 
         let seconds = window.as_secs_f64();

@@ -194,8 +194,9 @@ impl Span {
         self.start + self.duration
     }
 
+    /// Marked as an error, or answered with a server error: what the fleet should look at.
     pub fn is_error(&self) -> bool {
-        self.status == SpanStatus::Error
+        self.status == SpanStatus::Error || self.http.status.is_some_and(|status| status >= 500)
     }
 }
 

@@ -285,11 +285,6 @@ impl Shard {
     }
 }
 
-/// A span the fleet should look at: marked as an error, or answered with a server error.
-pub(crate) fn failed(span: &Span) -> bool {
-    span.is_error() || span.http.status.is_some_and(|status| status >= 500)
-}
-
 /// What ordering and filtering need to know about a trace.
 struct Outline<'a> {
     /// The root span, or the earliest span when the root is missing.
@@ -309,7 +304,7 @@ impl<'a> Outline<'a> {
         let mut error = false;
         for span in spans {
             count += 1;
-            error |= failed(span);
+            error |= span.is_error();
             end = end.max(span.end());
             if span.parent_span_id.is_none() && root.is_none_or(|r| span.start < r.start) {
                 root = Some(span);
