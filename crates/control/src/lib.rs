@@ -25,7 +25,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use flotilla_telemetry::{LogQuery, LogRecord, Metrics, TraceStore};
+use flotilla_telemetry::{Level, LogQuery, LogRecord, Metrics, TraceId, TraceStore};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -235,6 +235,12 @@ struct LogParams {
     /// A duration back from now (`5m`) or an RFC 3339 time.
     since: Option<String>,
     limit: Option<usize>,
+    /// Only lines at this level or above: trace, debug, info, warn, error.
+    level: Option<String>,
+    /// Only lines containing this text (ASCII case ignored).
+    grep: Option<String>,
+    /// Only lines of this trace (32 hex digits): one request across every service.
+    trace: Option<String>,
     /// Keep the response open and stream new lines as NDJSON.
     #[serde(default)]
     follow: bool,
@@ -267,11 +273,40 @@ async fn logs(
 ) -> Result<Response, Problem> {
     let params = read_query(query)?;
     let since = since_param(params.since.as_deref())?;
+    let level = params
+        .level
+        .as_deref()
+        .map(|text| {
+            Level::parse(text).ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad `level`",
+                    format!("`{text}` is not a level; use trace, debug, info, warn or error"),
+                )
+            })
+        })
+        .transpose()?;
+    let trace = params
+        .trace
+        .as_deref()
+        .map(|text| {
+            TraceId::parse(text).ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad `trace`",
+                    format!("`{text}` is not a trace id: 32 hex digits, not all zero"),
+                )
+            })
+        })
+        .transpose()?;
     let query = LogQuery {
         service: params.service,
         instance: params.instance,
         since,
         limit: Some(params.limit.unwrap_or(1_000).min(MAX_LOG_LIMIT)),
+        level,
+        grep: params.grep.filter(|g| !g.is_empty()),
+        trace,
     };
     if let Some(service) = &query.service
         && !fleet.services().iter().any(|s| &s.name == service)
@@ -540,14 +575,25 @@ pub(crate) mod tests {
             metrics: Metrics::new(),
             services: Mutex::new(vec![orders()]),
         });
-        for (service, line) in [("orders", "one"), ("catalog", "two"), ("orders", "three")] {
-            fleet.logs.push(LogRecord {
-                time: SystemTime::now(),
-                service: service.into(),
-                instance: format!("{service}-1").into(),
-                stream: Stream::Stdout,
-                line: line.into(),
-            });
+        for (service, line) in [
+            ("orders", "one"),
+            ("catalog", "two"),
+            ("orders", "three"),
+            (
+                "catalog",
+                "WARN slow GET /products trace_id=4bf92f3577b34da6a3ce929d0e0e4736",
+            ),
+            (
+                "orders",
+                "ERROR payments down trace_id=4bf92f3577b34da6a3ce929d0e0e4736",
+            ),
+        ] {
+            fleet.logs.push(LogRecord::new(
+                service.into(),
+                format!("{service}-1").into(),
+                Stream::Stdout,
+                line.into(),
+            ));
         }
         fleet
     }
@@ -639,7 +685,38 @@ pub(crate) mod tests {
         assert_eq!(status, StatusCode::OK);
         let records: Vec<LogRecord> = serde_json::from_str(&body).expect("JSON array");
         assert_eq!(records.len(), 1);
-        assert_eq!(records[0].line, "three");
+        assert!(records[0].line.starts_with("ERROR payments down"));
+    }
+
+    #[tokio::test]
+    async fn logs_filter_by_level_text_and_trace() {
+        let lines = |body: &str| -> Vec<String> {
+            let records: Vec<LogRecord> = serde_json::from_str(body).expect("JSON array");
+            records.into_iter().map(|r| r.line).collect()
+        };
+        let (status, _, body) = call(fleet(), "GET", "/v1/logs?level=error").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(lines(&body).len(), 1);
+        let (_, _, body) = call(fleet(), "GET", "/v1/logs?grep=THREE").await;
+        assert_eq!(lines(&body), ["three"]);
+        let (_, _, body) = call(
+            fleet(),
+            "GET",
+            "/v1/logs?trace=4bf92f3577b34da6a3ce929d0e0e4736",
+        )
+        .await;
+        let traced = lines(&body);
+        assert_eq!(traced.len(), 2, "one request's lines from both services");
+        assert!(traced[0].starts_with("WARN slow"), "oldest first");
+        for bad in ["/v1/logs?level=loud", "/v1/logs?trace=xyz"] {
+            let (status, content_type, body) = call(fleet(), "GET", bad).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(content_type, "application/problem+json");
+            assert!(
+                body.contains("level") || body.contains("trace id"),
+                "{body}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -86,6 +86,9 @@ pub(crate) const DOCUMENT: &str = r##"{
           { "name": "instance", "in": "query", "schema": { "type": "string" } },
           { "name": "since", "in": "query", "description": "A duration back from now (5m, 1h) or an RFC 3339 time", "schema": { "type": "string" } },
           { "name": "limit", "in": "query", "description": "The newest N matching lines (default 1000, at most 10000)", "schema": { "type": "integer", "minimum": 0 } },
+          { "name": "level", "in": "query", "description": "Only lines at this level or above", "schema": { "type": "string", "enum": ["trace", "debug", "info", "warn", "error"] } },
+          { "name": "grep", "in": "query", "description": "Only lines containing this text (ASCII case ignored)", "schema": { "type": "string" } },
+          { "name": "trace", "in": "query", "description": "Only lines of this trace (32 hex digits): one request across every service", "schema": { "type": "string", "pattern": "^[0-9a-fA-F]{32}$" } },
           { "name": "follow", "in": "query", "description": "Keep the response open and stream new lines as NDJSON", "schema": { "type": "boolean" } }
         ],
         "responses": {
@@ -362,7 +365,9 @@ pub(crate) const DOCUMENT: &str = r##"{
           "service": { "type": "string" },
           "instance": { "type": "string" },
           "stream": { "enum": ["stdout", "stderr", "system"] },
-          "line": { "type": "string" }
+          "line": { "type": "string" },
+          "level": { "enum": ["trace", "debug", "info", "warn", "error"], "description": "Read from the line when it says" },
+          "trace_id": { "type": "string", "description": "The trace the line names, 32 hex digits" }
         }
       }
     }

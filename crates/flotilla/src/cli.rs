@@ -108,6 +108,15 @@ pub struct LogsArgs {
     /// At most this many of the newest lines
     #[arg(long, short = 'n', value_name = "N")]
     pub limit: Option<usize>,
+    /// Only lines containing this text (ASCII case ignored)
+    #[arg(long, value_name = "TEXT")]
+    pub grep: Option<String>,
+    /// Only lines at this level or above: trace, debug, info, warn, error
+    #[arg(long, value_name = "LEVEL")]
+    pub level: Option<String>,
+    /// Only the lines of one request, across every service, in time order
+    #[arg(long, value_name = "TRACE_ID")]
+    pub trace: Option<String>,
     /// One JSON object per line
     #[arg(long)]
     pub json: bool,

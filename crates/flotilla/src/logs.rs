@@ -22,6 +22,15 @@ pub async fn run(args: LogsArgs) -> Result<ExitCode> {
     if let Some(limit) = args.limit {
         query.push(format!("limit={limit}"));
     }
+    for (key, value) in [
+        ("grep", &args.grep),
+        ("level", &args.level),
+        ("trace", &args.trace),
+    ] {
+        if let Some(value) = value {
+            query.push(format!("{key}={}", encode(value)));
+        }
+    }
     if args.follow {
         query.push("follow=true".into());
     }

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use flotilla_control::{AppInfo, Fleet as _, Phase, ServiceView};
 use flotilla_manifest::Manifest;
-use flotilla_proxy::{Caller, Policies, Resilience};
+use flotilla_proxy::{BreakerState, Caller, Policies, Resilience};
 use flotilla_registry::Registry;
 use flotilla_registry::health::HealthChecker;
 use flotilla_supervisor::{BuildProgress, InstanceEnv, Supervisor, SupervisorConfig};
-use flotilla_telemetry::{LogRecord, LogStore, Stream};
+use flotilla_telemetry::{Level, LogRecord, LogStore, Stream};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -330,13 +330,19 @@ fn announce_breakers(resilience: &Resilience, manifest: &Manifest, logs: &Arc<Lo
             .and_then(|(service, _)| services.iter().find(|s| &***s == service))
             .cloned()
             .unwrap_or_else(|| event.caller.clone());
-        logs.push(LogRecord {
-            time: SystemTime::now(),
+        let mut record = LogRecord::new(
             service,
-            instance: event.caller.clone(),
-            stream: Stream::System,
-            line: event.to_string(),
+            event.caller.clone(),
+            Stream::System,
+            event.to_string(),
+        );
+        // Opening, ejecting and probing are worth noticing; closing again is good news.
+        record.level = Some(if event.to == BreakerState::Closed {
+            Level::Info
+        } else {
+            Level::Warn
         });
+        logs.push(record);
     });
 }
 

@@ -235,6 +235,21 @@ fn one_trace_through_every_service(fleet: &Fleet, api: &str, sku: &str) {
         );
     }
     assert!(spans.iter().all(|s| s["trace_id"] == trace_id));
+
+    // The services log the trace id with each request, so one request's lines can be found
+    // across all of them.
+    wait_until(
+        "every service's line of the traced order",
+        Duration::from_secs(10),
+        || {
+            let lines: Vec<Value> = get(&format!("{}/v1/logs?trace={trace_id}", fleet.control))
+                .json()
+                .expect("log lines");
+            ["catalog", "orders", "inventory", "payments", "shipping"]
+                .iter()
+                .all(|service| lines.iter().any(|l| l["service"] == *service))
+        },
+    );
 }
 
 fn slowest_of(times: usize, mut call: impl FnMut()) -> Duration {

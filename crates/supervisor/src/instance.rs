@@ -478,13 +478,7 @@ where
                 Err(e) => (Stream::System, format!("cannot read {stream:?}: {e}")),
             };
             let ended = stream == Stream::System;
-            logs.push(LogRecord {
-                time: SystemTime::now(),
-                service: service.clone(),
-                instance: name.clone(),
-                stream,
-                line,
-            });
+            logs.push(LogRecord::new(service.clone(), name.clone(), stream, line));
             if ended {
                 return;
             }

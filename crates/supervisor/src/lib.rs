@@ -251,13 +251,12 @@ pub(crate) struct Inner {
 
 impl Inner {
     pub(crate) fn log(&self, instance: &Instance, line: String) {
-        self.config.logs.push(LogRecord {
-            time: SystemTime::now(),
-            service: instance.service.clone(),
-            instance: instance.name.clone(),
-            stream: Stream::System,
+        self.config.logs.push(LogRecord::new(
+            instance.service.clone(),
+            instance.name.clone(),
+            Stream::System,
             line,
-        });
+        ));
     }
 
     fn health(&self, instance: &Instance) -> Health {
@@ -503,8 +502,8 @@ fn never_healthy(inner: &Inner, instance: &Instance, timeout: Duration) -> Error
         .query(&LogQuery {
             service: Some(instance.service.to_string()),
             instance: Some(instance.name.to_string()),
-            since: None,
             limit: Some(LAST_LINES),
+            ..LogQuery::default()
         })
         .iter()
         .map(|record| record.line.clone())

@@ -6,6 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+
+use crate::level::{Level, classify};
+use crate::span::TraceId;
 use tokio::sync::broadcast;
 
 /// Which pipe a line came from.
@@ -27,6 +30,28 @@ pub struct LogRecord {
     pub instance: Arc<str>,
     pub stream: Stream,
     pub line: String,
+    /// Read from the line (see [`classify`]) when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<Level>,
+    /// The trace of the request the line is about, when the line names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<TraceId>,
+}
+
+impl LogRecord {
+    /// A line captured now, its level and trace id read from it.
+    pub fn new(service: Arc<str>, instance: Arc<str>, stream: Stream, line: String) -> Self {
+        let (level, trace_id) = classify(&line);
+        Self {
+            time: SystemTime::now(),
+            service,
+            instance,
+            stream,
+            level,
+            trace_id,
+            line,
+        }
+    }
 }
 
 /// Which records to return.
@@ -38,6 +63,12 @@ pub struct LogQuery {
     pub since: Option<SystemTime>,
     /// At most this many, the newest ones (still returned oldest first).
     pub limit: Option<usize>,
+    /// Only lines at this level or above (lines without a level are left out).
+    pub level: Option<Level>,
+    /// Only lines containing this text, ignoring ASCII case.
+    pub grep: Option<String>,
+    /// Only lines of this trace.
+    pub trace: Option<TraceId>,
 }
 
 impl LogQuery {
@@ -50,7 +81,25 @@ impl LogQuery {
                 .as_deref()
                 .is_none_or(|i| *record.instance == *i)
             && self.since.is_none_or(|since| record.time >= since)
+            && self
+                .level
+                .is_none_or(|level| record.level.is_some_and(|l| l >= level))
+            && self
+                .trace
+                .is_none_or(|trace| record.trace_id == Some(trace))
+            && self
+                .grep
+                .as_deref()
+                .is_none_or(|needle| contains_ignoring_case(&record.line, needle))
     }
+}
+
+fn contains_ignoring_case(haystack: &str, needle: &str) -> bool {
+    needle.is_empty()
+        || haystack
+            .as_bytes()
+            .windows(needle.len())
+            .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 /// Recent log lines of the whole fleet, bounded in memory.
@@ -121,11 +170,62 @@ mod tests {
     fn record(service: &str, line: &str, time: SystemTime) -> LogRecord {
         LogRecord {
             time,
-            service: service.into(),
-            instance: format!("{service}-1").into(),
-            stream: Stream::Stdout,
-            line: line.into(),
+            ..LogRecord::new(
+                service.into(),
+                format!("{service}-1").into(),
+                Stream::Stdout,
+                line.into(),
+            )
         }
+    }
+
+    #[test]
+    fn lines_are_found_by_level_text_and_trace() {
+        let store = LogStore::new(10);
+        let now = SystemTime::now();
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        store.push(record(
+            "orders",
+            &format!("INFO took order trace_id={id}"),
+            now,
+        ));
+        store.push(record("orders", "ERROR payments down", now));
+        store.push(record(
+            "catalog",
+            &format!("GET /products 200 1ms trace_id={id}"),
+            now,
+        ));
+        store.push(record("catalog", "debug cache warm", now));
+        let lines = |query: LogQuery| -> Vec<String> {
+            store.query(&query).iter().map(|r| r.line.clone()).collect()
+        };
+        assert_eq!(
+            lines(LogQuery {
+                level: Some(Level::Info),
+                ..LogQuery::default()
+            }),
+            [
+                format!("INFO took order trace_id={id}"),
+                "ERROR payments down".into()
+            ]
+        );
+        assert_eq!(
+            lines(LogQuery {
+                grep: Some("PAYMENTS".into()),
+                ..LogQuery::default()
+            }),
+            ["ERROR payments down"]
+        );
+        let trace = TraceId::parse(id);
+        assert_eq!(
+            lines(LogQuery {
+                trace,
+                ..LogQuery::default()
+            })
+            .len(),
+            2,
+            "one request's lines across services"
+        );
     }
 
     #[test]
