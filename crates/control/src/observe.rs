@@ -286,7 +286,7 @@ mod tests {
             parent_span_id: parent,
             service: caller.into(),
             instance: None,
-            name: format!("GET {callee}"),
+            name: format!("GET {callee}").into(),
             kind: SpanKind::Client,
             start: t0 + Duration::from_millis(at_ms),
             duration: Duration::from_millis(ms),

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Result;
 use flotilla_control::TraceDetail;
 use flotilla_control::api::{Span, TraceSummary};
+use flotilla_telemetry::SpanKind;
 
 use crate::cli::{TraceArgs, TracesArgs};
 use crate::client::{Control, encode};
@@ -121,6 +122,17 @@ fn waterfall(trace: &TraceDetail, colour: bool, time: impl Fn(SystemTime) -> Str
         services.join(", "),
     );
 
+    // HTTP spans are named by their method alone; the path (server side) or the service
+    // called (client side) says which call it was.
+    let what = |span: &Span| match (span.kind, &span.http.path, &span.http.peer_service) {
+        (SpanKind::Server, Some(path), _) if !span.name.contains('/') => {
+            format!("{} {path}", span.name)
+        }
+        (SpanKind::Client, _, Some(peer)) if !span.name.contains(' ') => {
+            format!("{} {peer}", span.name)
+        }
+        _ => span.name.to_string(),
+    };
     let lines: Vec<(String, &Span)> = tree(spans)
         .into_iter()
         .map(|(depth, span)| {
@@ -129,7 +141,7 @@ fn waterfall(trace: &TraceDetail, colour: bool, time: impl Fn(SystemTime) -> Str
                 None => span.service.to_string(),
             };
             (
-                format!("{:indent$}{who}  {}", "", span.name, indent = 2 * depth),
+                format!("{:indent$}{who}  {}", "", what(span), indent = 2 * depth),
                 span,
             )
         })
@@ -242,7 +254,7 @@ mod tests {
             parent_span_id: parent.map(|p| p.span_id),
             service: service.into(),
             instance: None,
-            name: name.into(),
+            name: name.to_owned().into(),
             kind: SpanKind::Server,
             start: t(start_ms),
             duration: Duration::from_millis(ms),

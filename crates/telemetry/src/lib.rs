@@ -29,5 +29,7 @@ pub use level::{Level, classify};
 pub use logs::{LogQuery, LogRecord, LogStore, Stream};
 pub use map::EdgeStats;
 pub use metrics::{Exposition, InFlightGuard, MetricType, Metrics, render_trace_store};
-pub use span::{AttributeValue, HttpHop, Span, SpanId, SpanKind, SpanStatus, TraceId};
+pub use span::{
+    AttributeValue, HttpHop, IdHash, IdHasher, Span, SpanId, SpanKind, SpanStatus, TraceId,
+};
 pub use traces::{TraceQuery, TraceStore, TraceSummary};

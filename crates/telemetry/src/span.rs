@@ -12,8 +12,41 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 /// A W3C trace id: 16 bytes, never all zero.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TraceId(pub [u8; 16]);
+
+/// Trace ids are random already: their first eight bytes are as good a hash as any, and far
+/// cheaper than hashing all sixteen with SipHash on every span recorded.
+impl std::hash::Hash for TraceId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_ne_bytes(first));
+    }
+}
+
+/// A hasher for maps keyed by ids that are random already: it passes the id's bits through.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+/// Builds [`IdHasher`]s.
+pub type IdHash = std::hash::BuildHasherDefault<IdHasher>;
 
 /// A W3C span id: 8 bytes, never all zero.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -174,7 +207,8 @@ pub struct Span {
     pub service: Arc<str>,
     /// The instance, when known (`orders-2`).
     pub instance: Option<Arc<str>>,
-    pub name: String,
+    /// As OpenTelemetry names HTTP spans: the method (`GET`), the route when known.
+    pub name: std::borrow::Cow<'static, str>,
     pub kind: SpanKind,
     #[serde(with = "crate::wire::rfc3339")]
     pub start: SystemTime,

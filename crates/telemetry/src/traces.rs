@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::span::{Span, TraceId};
+use crate::span::{IdHash, Span, TraceId};
 use crate::wire::{micros, rfc3339};
 
 /// Most shards a store is split into.
@@ -206,7 +206,7 @@ struct Shard {
     /// Sequence number of `slots[0]`; a span keeps its sequence number while it is held.
     base: u64,
     capacity: usize,
-    traces: HashMap<TraceId, Chain>,
+    traces: HashMap<TraceId, Chain, IdHash>,
 }
 
 struct Slot {
@@ -231,7 +231,7 @@ impl Shard {
             slots: VecDeque::with_capacity(capacity),
             base: 0,
             capacity,
-            traces: HashMap::with_capacity(capacity),
+            traces: HashMap::with_capacity_and_hasher(capacity, IdHash::default()),
         }
     }
 
@@ -342,7 +342,7 @@ fn summarize<'a>(
     Some(TraceSummary {
         trace_id,
         root_service: outline.top.service.to_string(),
-        root_name: outline.top.name.clone(),
+        root_name: outline.top.name.to_string(),
         start: outline.start,
         duration: outline.duration,
         spans: outline.spans,
@@ -410,7 +410,7 @@ pub(crate) mod tests {
             parent_span_id: None,
             service: service.into(),
             instance: None,
-            name: format!("{service} op"),
+            name: format!("{service} op").into(),
             kind: SpanKind::Server,
             start: t(start_ms),
             duration: Duration::from_millis(ms),
