@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 use anyhow::Result;
 use flotilla_control::TraceDetail;
 use flotilla_control::api::{Span, TraceSummary};
-use flotilla_telemetry::SpanKind;
 
 use crate::cli::{TraceArgs, TracesArgs};
 use crate::client::{Control, encode};
@@ -122,17 +121,6 @@ fn waterfall(trace: &TraceDetail, colour: bool, time: impl Fn(SystemTime) -> Str
         services.join(", "),
     );
 
-    // HTTP spans are named by their method alone; the path (server side) or the service
-    // called (client side) says which call it was.
-    let what = |span: &Span| match (span.kind, &span.http.path, &span.http.peer_service) {
-        (SpanKind::Server, Some(path), _) if !span.name.contains('/') => {
-            format!("{} {path}", span.name)
-        }
-        (SpanKind::Client, _, Some(peer)) if !span.name.contains(' ') => {
-            format!("{} {peer}", span.name)
-        }
-        _ => span.name.to_string(),
-    };
     let lines: Vec<(String, &Span)> = tree(spans)
         .into_iter()
         .map(|(depth, span)| {
@@ -141,7 +129,7 @@ fn waterfall(trace: &TraceDetail, colour: bool, time: impl Fn(SystemTime) -> Str
                 None => span.service.to_string(),
             };
             (
-                format!("{:indent$}{who}  {}", "", what(span), indent = 2 * depth),
+                format!("{:indent$}{who}  {}", "", span.title(), indent = 2 * depth),
                 span,
             )
         })

@@ -228,6 +228,20 @@ impl Span {
         self.start + self.duration
     }
 
+    /// The name with what makes an HTTP hop recognisable, since OpenTelemetry names those by
+    /// method alone: `GET /products` at the server, `GET catalog` at the client.
+    pub fn title(&self) -> std::borrow::Cow<'_, str> {
+        let extra = match self.kind {
+            SpanKind::Server => self.http.path.as_deref(),
+            SpanKind::Client => self.http.peer_service.as_deref(),
+            _ => None,
+        };
+        match extra {
+            Some(extra) if !self.name.contains(' ') => format!("{} {extra}", self.name).into(),
+            _ => std::borrow::Cow::Borrowed(&self.name),
+        }
+    }
+
     /// Marked as an error, or answered with a server error: what the fleet should look at.
     pub fn is_error(&self) -> bool {
         self.status == SpanStatus::Error || self.http.status.is_some_and(|status| status >= 500)

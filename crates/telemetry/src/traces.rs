@@ -342,7 +342,7 @@ fn summarize<'a>(
     Some(TraceSummary {
         trace_id,
         root_service: outline.top.service.to_string(),
-        root_name: outline.top.name.to_string(),
+        root_name: outline.top.title().into_owned(),
         start: outline.start,
         duration: outline.duration,
         spans: outline.spans,
