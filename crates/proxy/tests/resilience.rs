@@ -46,11 +46,24 @@ fn strict_policy() -> Policy {
             half_open_probes: n(1),
             ..BreakerPolicy::default()
         },
-        outlier: OutlierPolicy {
-            enabled: false,
-            ..OutlierPolicy::default()
-        },
+        outlier: no_ejection(),
         ..Policy::default()
+    }
+}
+
+/// For tests about something else: a breaker that never opens.
+fn no_breaker() -> BreakerPolicy {
+    BreakerPolicy {
+        enabled: false,
+        ..BreakerPolicy::default()
+    }
+}
+
+/// For tests about something else: instances are never ejected.
+fn no_ejection() -> OutlierPolicy {
+    OutlierPolicy {
+        enabled: false,
+        ..OutlierPolicy::default()
     }
 }
 
@@ -336,14 +349,8 @@ async fn retries_stay_within_the_budget_when_everything_fails() {
             budget_window: Duration::from_secs(10),
             ..RetryPolicy::default()
         },
-        breaker: BreakerPolicy {
-            enabled: false,
-            ..BreakerPolicy::default()
-        },
-        outlier: OutlierPolicy {
-            enabled: false,
-            ..OutlierPolicy::default()
-        },
+        breaker: no_breaker(),
+        outlier: no_ejection(),
         ..Policy::default()
     };
     let stack = stack(Fixed::of(&[addr]), resilience(policy));
@@ -420,10 +427,7 @@ fn stack_default(
 + Send
 + 'static {
     let policy = Policy {
-        breaker: BreakerPolicy {
-            enabled: false,
-            ..BreakerPolicy::default()
-        },
+        breaker: no_breaker(),
         ..Policy::default()
     };
     stack(Fixed::of(&[addr]), resilience(policy))
@@ -439,10 +443,7 @@ async fn a_failing_instance_is_ejected_while_the_other_serves() {
             attempts: n(1),
             ..RetryPolicy::default()
         },
-        breaker: BreakerPolicy {
-            enabled: false,
-            ..BreakerPolicy::default()
-        },
+        breaker: no_breaker(),
         outlier: OutlierPolicy {
             consecutive_failures: n(3),
             base_ejection: Duration::from_secs(30),
@@ -525,10 +526,7 @@ async fn a_slow_answer_times_out_per_try_and_the_deadline_bounds_the_retries() {
             max_backoff: Duration::ZERO,
             ..RetryPolicy::default()
         },
-        breaker: BreakerPolicy {
-            enabled: false,
-            ..BreakerPolicy::default()
-        },
+        breaker: no_breaker(),
         ..Policy::default()
     };
     let stack = stack(Fixed::of(&[addr]), resilience(policy));
@@ -643,10 +641,7 @@ async fn injected_faults_abort_and_delay_calls() {
             attempts: n(1),
             ..RetryPolicy::default()
         },
-        breaker: BreakerPolicy {
-            enabled: false,
-            ..BreakerPolicy::default()
-        },
+        breaker: no_breaker(),
         ..Policy::default()
     };
     let shared = resilience(policy);
