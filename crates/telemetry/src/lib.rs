@@ -21,7 +21,9 @@ pub mod level;
 pub mod logs;
 pub mod map;
 pub mod metrics;
+pub mod otlp;
 pub mod span;
+pub mod store;
 pub mod traces;
 mod wire;
 

@@ -1,0 +1,1 @@
+//! Durable telemetry: spans and log lines in SQLite.
