@@ -331,7 +331,7 @@ impl<'a> Outline<'a> {
     }
 }
 
-fn summarize<'a>(
+pub(crate) fn summarize<'a>(
     trace_id: TraceId,
     spans: impl Iterator<Item = &'a Span> + Clone,
 ) -> Option<TraceSummary> {
@@ -353,7 +353,7 @@ fn summarize<'a>(
 
 /// Each span's distance from the top of its trace, following parents that are held; linear in
 /// the number of spans, and safe against parent cycles in spans sent from outside.
-fn depths(spans: &[Span]) -> Vec<usize> {
+pub(crate) fn depths(spans: &[Span]) -> Vec<usize> {
     let index: HashMap<_, _> = spans
         .iter()
         .enumerate()
