@@ -13,6 +13,9 @@ pub mod api;
 mod health;
 mod observe;
 mod openapi;
+mod otlp;
+
+pub use otlp::{otlp_router, serve_otlp};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,7 +28,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use flotilla_telemetry::{Level, LogQuery, LogRecord, Metrics, TraceId, TraceStore};
+use flotilla_telemetry::store::TelemetryDb;
+use flotilla_telemetry::{
+    Exposition, Level, LogQuery, LogRecord, Metrics, Span, TraceId, TraceStore,
+};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -65,6 +71,19 @@ pub trait Fleet: Send + Sync + 'static {
     fn dependencies(&self) -> Vec<(String, String)>;
     /// The services the gateway's routes lead to: the calls the gateway is expected to make.
     fn routed_services(&self) -> Vec<String>;
+    /// The durable tier behind the in-memory stores, when the fleet keeps one: queries reach
+    /// into it for what memory no longer holds (older lines and traces, a previous run's).
+    fn durable(&self) -> Option<TelemetryDb> {
+        None
+    }
+    /// Spans from outside the proxies (services' own OpenTelemetry SDKs, through the OTLP
+    /// receiver), recorded like the proxies' own.
+    fn ingest_spans(&self, spans: Vec<Span>);
+    /// Log records from outside the supervisor's pipes (OTLP), stored like captured lines.
+    fn ingest_logs(&self, records: Vec<LogRecord>);
+    /// Families of the fleet's own telemetry pipeline for `/metrics` (export and storage
+    /// counters); nothing by default.
+    fn render_pipeline_metrics(&self, _out: &mut Exposition) {}
 }
 
 /// Why faults could not be set or cleared.
@@ -94,6 +113,7 @@ pub fn router(fleet: Arc<dyn Fleet>) -> axum::Router {
         .route("/v1/breakers", get(breakers))
         .route("/v1/faults", get(faults))
         .route("/v1/logs", get(logs))
+        .route("/v1/logs/stream", get(log_events))
         .route("/v1/traces", get(observe::traces))
         .route("/v1/traces/{id}", get(observe::trace))
         .route("/v1/health", get(observe::health))
@@ -267,11 +287,8 @@ pub(crate) fn since_param(since: Option<&str>) -> Result<Option<SystemTime>, Pro
         .map_err(|detail| Problem::new(StatusCode::BAD_REQUEST, "bad `since`", detail))
 }
 
-async fn logs(
-    State(fleet): State<Arc<dyn Fleet>>,
-    query: Params<LogParams>,
-) -> Result<Response, Problem> {
-    let params = read_query(query)?;
+/// The query a `/v1/logs` request asks, or the 400 problem with it.
+fn log_query(fleet: &dyn Fleet, params: LogParams) -> Result<LogQuery, Problem> {
     let since = since_param(params.since.as_deref())?;
     let level = params
         .level
@@ -313,18 +330,59 @@ async fn logs(
     {
         return Err(unknown_service(service.clone()));
     }
-    if !params.follow {
-        return Ok(Json(fleet.logs(&query)).into_response());
+    Ok(query)
+}
+
+/// The newest matching lines, oldest first: memory's, topped up from the durable tier with older
+/// ones when memory holds fewer than asked for (evicted, or logged before a restart).
+async fn matching_logs(fleet: &dyn Fleet, query: &LogQuery) -> Vec<Arc<LogRecord>> {
+    let mut records = fleet.logs(query);
+    let limit = query.limit.unwrap_or(usize::MAX);
+    let Some(durable) = fleet.durable() else {
+        return records;
+    };
+    if records.len() >= limit {
+        return records;
     }
-    // Subscribe before reading the backlog so no line falls between the two.
+    // Memory returned every match it holds, so anything older than its oldest match is not in
+    // the answer yet; the durable tier is asked for exactly that.
+    let before = records.first().map(|record| record.time);
+    let older_query = LogQuery {
+        limit: Some(limit - records.len()),
+        ..query.clone()
+    };
+    let older = tokio::task::spawn_blocking(move || durable.logs(&older_query, before)).await;
+    match older {
+        Ok(Ok(older)) if !older.is_empty() => {
+            let mut merged: Vec<Arc<LogRecord>> = older.into_iter().map(Arc::new).collect();
+            merged.append(&mut records);
+            merged
+        }
+        Ok(Ok(_)) => records,
+        Ok(Err(e)) => {
+            tracing::warn!("durable log query failed: {e}");
+            records
+        }
+        Err(e) => {
+            tracing::warn!("durable log query panicked: {e}");
+            records
+        }
+    }
+}
+
+/// The backlog then every new matching line, for as long as the client listens. Subscribes
+/// before reading the backlog so no line falls between the two.
+async fn backlog_then_live(
+    fleet: &dyn Fleet,
+    query: LogQuery,
+) -> impl futures_util::Stream<Item = Arc<LogRecord>> + use<> {
     let live = fleet.follow_logs();
-    let backlog = fleet.logs(&query);
+    let backlog = matching_logs(fleet, &query).await;
     let filter = LogQuery {
         since: None,
         limit: None,
         ..query
     };
-    let backlog = futures_util::stream::iter(backlog);
     let live = futures_util::stream::unfold(live, move |mut rx| {
         let filter = filter.clone();
         async move {
@@ -337,7 +395,20 @@ async fn logs(
             }
         }
     });
-    let lines = backlog.chain(live).map(|record| {
+    futures_util::stream::iter(backlog).chain(live)
+}
+
+async fn logs(
+    State(fleet): State<Arc<dyn Fleet>>,
+    query: Params<LogParams>,
+) -> Result<Response, Problem> {
+    let mut params = read_query(query)?;
+    let follow = std::mem::take(&mut params.follow);
+    let query = log_query(&*fleet, params)?;
+    if !follow {
+        return Ok(Json(matching_logs(&*fleet, &query).await).into_response());
+    }
+    let lines = backlog_then_live(&*fleet, query).await.map(|record| {
         let mut line = serde_json::to_vec(&*record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         Ok::<_, std::io::Error>(line)
@@ -348,6 +419,48 @@ async fn logs(
             HeaderValue::from_static("application/x-ndjson"),
         )],
         axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// How often an idle event stream says it is alive, so proxies and browsers keep it open.
+const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `/v1/logs/stream`: the same lines as server-sent events (`event: log`, the record as JSON in
+/// `data`), for browsers' `EventSource` and anything else that speaks SSE.
+async fn log_events(
+    State(fleet): State<Arc<dyn Fleet>>,
+    query: Params<LogParams>,
+) -> Result<Response, Problem> {
+    let mut params = read_query(query)?;
+    if params.follow {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad query",
+            "`follow` is implied by /v1/logs/stream; leave it out",
+        ));
+    }
+    params.limit = Some(params.limit.unwrap_or(100));
+    let query = log_query(&*fleet, params)?;
+    let events = backlog_then_live(&*fleet, query).await.map(|record| {
+        let json = serde_json::to_string(&*record).map_err(std::io::Error::other)?;
+        // JSON has no raw newlines, so one `data:` line carries the record.
+        Ok::<_, std::io::Error>(format!("event: log\ndata: {json}\n\n"))
+    });
+    let keep_alive = futures_util::stream::unfold((), |()| async {
+        tokio::time::sleep(SSE_KEEP_ALIVE).await;
+        Some((Ok(": keep-alive\n\n".to_owned()), ()))
+    });
+    let stream = futures_util::stream::select(events, keep_alive);
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        axum::body::Body::from_stream(stream),
     )
         .into_response())
 }
@@ -455,6 +568,7 @@ pub(crate) mod tests {
         pub(crate) metrics: Metrics,
         /// What `services` answers.
         pub(crate) services: Mutex<Vec<ServiceView>>,
+        pub(crate) durable: Mutex<Option<TelemetryDb>>,
     }
 
     impl FakeFleet {
@@ -541,6 +655,19 @@ pub(crate) mod tests {
         fn routed_services(&self) -> Vec<String> {
             vec!["orders".into()]
         }
+        fn durable(&self) -> Option<TelemetryDb> {
+            self.durable.lock().expect("durable").clone()
+        }
+        fn ingest_spans(&self, spans: Vec<Span>) {
+            for span in spans {
+                self.traces.record(span);
+            }
+        }
+        fn ingest_logs(&self, records: Vec<LogRecord>) {
+            for record in records {
+                self.logs.push(record);
+            }
+        }
     }
 
     /// One healthy instance of `orders`.
@@ -574,6 +701,7 @@ pub(crate) mod tests {
             traces: TraceStore::new(1_000),
             metrics: Metrics::new(),
             services: Mutex::new(vec![orders()]),
+            durable: Mutex::new(None),
         });
         for (service, line) in [
             ("orders", "one"),
@@ -686,6 +814,105 @@ pub(crate) mod tests {
         let records: Vec<LogRecord> = serde_json::from_str(&body).expect("JSON array");
         assert_eq!(records.len(), 1);
         assert!(records[0].line.starts_with("ERROR payments down"));
+    }
+
+    #[tokio::test]
+    async fn log_events_stream_backlog_then_live_lines() {
+        let fleet = fleet();
+        let request = Request::get("/v1/logs/stream?service=orders&level=info")
+            .body(Body::empty())
+            .expect("request");
+        let response = router(fleet.clone())
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        let mut body = response.into_body();
+        let mut next_event = async || -> String {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("an event within 5 s")
+                .expect("the stream goes on")
+                .expect("frame");
+            String::from_utf8(frame.into_data().expect("data").to_vec()).expect("utf-8")
+        };
+        // The backlog: orders' one line at info or above.
+        let event = next_event().await;
+        assert!(event.starts_with("event: log\ndata: {"), "{event:?}");
+        assert!(event.ends_with("}\n\n"), "{event:?}");
+        assert!(event.contains("payments down"), "{event:?}");
+        // Then what is logged from now on, filtered the same way.
+        for (service, line) in [
+            ("catalog", "ERROR not for orders"),
+            ("orders", "ERROR <b>new</b>"),
+        ] {
+            fleet.logs.push(LogRecord::new(
+                service.into(),
+                format!("{service}-1").into(),
+                Stream::Stdout,
+                line.into(),
+            ));
+        }
+        let event = next_event().await;
+        let data = event
+            .strip_prefix("event: log\ndata: ")
+            .and_then(|rest| rest.strip_suffix("\n\n"))
+            .expect("one data line");
+        let record: LogRecord = serde_json::from_str(data).expect("a record");
+        assert_eq!(record.line, "ERROR <b>new</b>");
+
+        let (status, content_type, _) =
+            call(fleet.clone(), "GET", "/v1/logs/stream?follow=true").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(content_type, "application/problem+json");
+    }
+
+    #[tokio::test]
+    async fn logs_reach_into_the_durable_tier_for_what_memory_lacks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let durable = TelemetryDb::open(dir.path(), Default::default()).expect("open");
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        for line in [
+            "old one trace_id=4bf92f3577b34da6a3ce929d0e0e4736",
+            "old two",
+        ] {
+            let mut record = LogRecord::new(
+                "orders".into(),
+                "orders-1".into(),
+                Stream::Stdout,
+                line.into(),
+            );
+            record.time = old;
+            durable.record_log(Arc::new(record));
+        }
+        durable.flush();
+        let fleet = fleet();
+        *fleet.durable.lock().expect("durable") = Some(durable);
+
+        let lines = |body: &str| -> Vec<String> {
+            let records: Vec<LogRecord> = serde_json::from_str(body).expect("JSON array");
+            records.into_iter().map(|r| r.line).collect()
+        };
+        let (_, _, body) = call(fleet.clone(), "GET", "/v1/logs?service=orders").await;
+        assert_eq!(
+            lines(&body),
+            [
+                "old one trace_id=4bf92f3577b34da6a3ce929d0e0e4736",
+                "old two",
+                "one",
+                "three",
+                "ERROR payments down trace_id=4bf92f3577b34da6a3ce929d0e0e4736"
+            ],
+            "older lines first, then memory's"
+        );
+        let (_, _, body) = call(fleet.clone(), "GET", "/v1/logs?service=orders&limit=2").await;
+        assert_eq!(lines(&body).len(), 2, "memory alone fills a small limit");
+        let (_, _, body) = call(fleet.clone(), "GET", "/v1/logs?grep=OLD%20T").await;
+        assert_eq!(lines(&body), ["old two"]);
     }
 
     #[tokio::test]

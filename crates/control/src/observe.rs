@@ -68,7 +68,31 @@ pub(crate) async fn traces(
                 .min(MAX_TRACE_LIMIT),
         ),
     };
-    Ok(Json(fleet.trace_store().traces(&query)))
+    let mut listed = fleet.trace_store().traces(&query);
+    let limit = query
+        .limit
+        .unwrap_or(usize::MAX)
+        .min(query.slowest.unwrap_or(usize::MAX));
+    // Memory holds the newest spans; older traces (and a previous run's) are in the durable tier.
+    if listed.len() < limit
+        && let Some(durable) = fleet.durable()
+    {
+        match tokio::task::spawn_blocking(move || durable.traces(&query)).await {
+            Ok(Ok(older)) => {
+                let held: BTreeSet<TraceId> = listed.iter().map(|t| t.trace_id).collect();
+                listed.extend(older.into_iter().filter(|t| !held.contains(&t.trace_id)));
+                if params.slowest.is_some() {
+                    listed.sort_by(|a, b| b.duration.cmp(&a.duration).then(b.start.cmp(&a.start)));
+                } else {
+                    listed.sort_by_key(|t| std::cmp::Reverse(t.start));
+                }
+                listed.truncate(limit);
+            }
+            Ok(Err(e)) => tracing::warn!("durable trace listing failed: {e}"),
+            Err(e) => tracing::warn!("durable trace listing panicked: {e}"),
+        }
+    }
+    Ok(Json(listed))
 }
 
 pub(crate) async fn trace(
@@ -83,7 +107,16 @@ pub(crate) async fn trace(
         ));
     };
     let store = fleet.trace_store();
-    let spans = store.trace(trace_id);
+    let mut spans = store.trace(trace_id);
+    if spans.is_empty()
+        && let Some(durable) = fleet.durable()
+    {
+        match tokio::task::spawn_blocking(move || durable.trace(trace_id)).await {
+            Ok(Ok(found)) => spans = found,
+            Ok(Err(e)) => tracing::warn!("durable trace lookup failed: {e}"),
+            Err(e) => tracing::warn!("durable trace lookup panicked: {e}"),
+        }
+    }
     if spans.is_empty() {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
@@ -260,6 +293,7 @@ fn exposition(fleet: &dyn Fleet) -> String {
     }
 
     render_trace_store(fleet.trace_store(), &mut out);
+    fleet.render_pipeline_metrics(&mut out);
     out.finish()
 }
 

@@ -104,6 +104,26 @@ pub(crate) const DOCUMENT: &str = r##"{
         }
       }
     },
+    "/v1/logs/stream": {
+      "get": {
+        "summary": "The newest matching lines (default 100), then every new one, as server-sent events",
+        "description": "Takes the filters of /v1/logs except follow. Each record is an `event: log` whose `data` is the record as JSON; an idle stream sends a keep-alive comment every 15 s.",
+        "parameters": [
+          { "name": "service", "in": "query", "schema": { "type": "string" } },
+          { "name": "instance", "in": "query", "schema": { "type": "string" } },
+          { "name": "since", "in": "query", "description": "A duration back from now (5m, 1h) or an RFC 3339 time", "schema": { "type": "string" } },
+          { "name": "limit", "in": "query", "description": "Lines of backlog (default 100, at most 10000)", "schema": { "type": "integer", "minimum": 0 } },
+          { "name": "level", "in": "query", "description": "Only lines at this level or above", "schema": { "type": "string", "enum": ["trace", "debug", "info", "warn", "error"] } },
+          { "name": "grep", "in": "query", "description": "Only lines containing this text (ASCII case ignored)", "schema": { "type": "string" } },
+          { "name": "trace", "in": "query", "description": "Only lines of this trace", "schema": { "type": "string", "pattern": "^[0-9a-fA-F]{32}$" } }
+        ],
+        "responses": {
+          "200": { "description": "An event stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
     "/v1/traces": {
       "get": {
         "summary": "Recent traces: one per request through the gateway (or call between services), newest first",

@@ -66,6 +66,10 @@ pub struct UpArgs {
     /// Listen address of the control API, overriding `[control] listen` (port 0 picks a free port)
     #[arg(long, value_name = "ADDR")]
     pub control_listen: Option<SocketAddr>,
+    /// Listen address of the OTLP/HTTP receiver, overriding `[telemetry] otlp_listen` (port 0
+    /// picks a free port)
+    #[arg(long, value_name = "ADDR")]
+    pub otlp_listen: Option<SocketAddr>,
     /// Skip the services' build commands
     #[arg(long)]
     pub no_build: bool,

@@ -14,6 +14,9 @@ pub struct FleetFile {
     pub pid: u32,
     pub control: String,
     pub gateway: String,
+    /// The OTLP/HTTP receiver, when one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<String>,
 }
 
 pub fn state_dir(dir: &Path) -> PathBuf {

@@ -12,7 +12,10 @@ use flotilla_manifest::Manifest;
 use flotilla_proxy::Resilience;
 use flotilla_registry::Registry;
 use flotilla_supervisor::Supervisor;
-use flotilla_telemetry::{LogQuery, LogRecord, LogStore, Metrics, TraceStore};
+use flotilla_telemetry::store::TelemetryDb;
+use flotilla_telemetry::{Exposition, LogQuery, LogRecord, LogStore, Metrics, Span, TraceStore};
+
+use crate::telemetry::Telemetry;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -24,10 +27,9 @@ pub struct RunningFleet {
     /// Shared with the gateway and every in-process sidecar: their breakers and the faults they
     /// inject.
     pub resilience: Resilience,
-    /// The spans every stack records, shared with them through `resilience.observer`.
-    pub traces: Arc<TraceStore>,
-    /// The call counters every stack records, shared the same way.
-    pub metrics: Arc<Metrics>,
+    /// The spans and call counters every stack records, shared with them through
+    /// `resilience.observer`, with the durable tier and the exporter behind them.
+    pub telemetry: Telemetry,
     pub gateway_url: String,
     pub control_url: String,
     pub started_at: SystemTime,
@@ -143,11 +145,31 @@ impl Fleet for RunningFleet {
     }
 
     fn trace_store(&self) -> &TraceStore {
-        &self.traces
+        &self.telemetry.traces
     }
 
     fn metrics(&self) -> &Metrics {
-        &self.metrics
+        &self.telemetry.metrics
+    }
+
+    fn durable(&self) -> Option<TelemetryDb> {
+        self.telemetry.durable.clone()
+    }
+
+    fn ingest_spans(&self, spans: Vec<Span>) {
+        for span in spans {
+            self.telemetry.record_span(span);
+        }
+    }
+
+    fn ingest_logs(&self, records: Vec<LogRecord>) {
+        for record in records {
+            self.logs.push(record);
+        }
+    }
+
+    fn render_pipeline_metrics(&self, out: &mut Exposition) {
+        self.telemetry.render(out);
     }
 
     fn dependencies(&self) -> Vec<(String, String)> {

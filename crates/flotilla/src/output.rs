@@ -46,6 +46,11 @@ pub fn error(message: &str) {
     }
 }
 
+/// `warning: ...` on stderr, for what works but not as configured.
+pub fn warn(message: &str) {
+    eprintln!("warning: {message}");
+}
+
 /// A progress or status message on stderr.
 pub fn note(message: &str) {
     eprintln!("{message}");

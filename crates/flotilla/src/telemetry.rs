@@ -1,12 +1,19 @@
 //! Where the data plane reports: every stack (the gateway and each in-process sidecar) hands its
 //! spans to the fleet's trace store and its calls to the fleet's metrics, which the control API
-//! serves as `/v1/traces`, `/v1/map` and `/metrics`.
+//! serves as `/v1/traces`, `/v1/map` and `/metrics`. Spans that services send over OTLP take the
+//! same way. Beyond memory, every span and log line also goes (without blocking) to the durable
+//! SQLite tier and to an OTLP collector when `[telemetry]` names one.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{Context, Result};
+use flotilla_manifest::{TelemetrySettings, TelemetryStorage};
 use flotilla_proxy::Observer;
-use flotilla_telemetry::{Metrics, Span, TraceStore};
+use flotilla_telemetry::otlp::{ExportConfig, OtlpExporter};
+use flotilla_telemetry::store::{Retention, TelemetryDb};
+use flotilla_telemetry::{Exposition, LogStore, MetricType, Metrics, Span, TraceStore};
 
 /// Spans kept in memory for `flotilla traces` and the map: every proxied call records two, so
 /// this is the last 50,000 calls, a few tens of megabytes at most.
@@ -17,20 +24,127 @@ pub const TRACE_CAPACITY: usize = 100_000;
 pub struct Telemetry {
     pub traces: Arc<TraceStore>,
     pub metrics: Arc<Metrics>,
+    /// `.flotilla/telemetry/telemetry.db`, unless `storage = "memory"`.
+    pub durable: Option<TelemetryDb>,
+    /// `[telemetry] otlp_endpoint`.
+    pub export: Option<OtlpExporter>,
 }
 
 impl Telemetry {
+    /// Memory only.
     pub fn new() -> Self {
         Self {
             traces: Arc::new(TraceStore::new(TRACE_CAPACITY)),
             metrics: Arc::new(Metrics::new()),
+            durable: None,
+            export: None,
+        }
+    }
+
+    /// The stores `[telemetry]` asks for. Call within the runtime: the exporter spawns its task.
+    pub fn open(settings: &TelemetrySettings, state_dir: &Path) -> Result<Self> {
+        let mut telemetry = Self::new();
+        if settings.storage == TelemetryStorage::Sqlite {
+            let dir = state_dir.join("telemetry");
+            let retention = Retention {
+                max_age: settings.retention,
+                max_bytes: settings.max_storage,
+            };
+            telemetry.durable = Some(TelemetryDb::open(&dir, retention).with_context(|| {
+                format!("cannot open the telemetry store in {}", dir.display())
+            })?);
+        }
+        if let Some(endpoint) = &settings.otlp_endpoint {
+            telemetry.export = Some(
+                OtlpExporter::spawn(endpoint, ExportConfig::default())
+                    .with_context(|| format!("cannot export to {endpoint}"))?,
+            );
+        }
+        Ok(telemetry)
+    }
+
+    /// Memory, the durable tier and the exporter, in that order of importance; never blocks.
+    pub fn record_span(&self, span: Span) {
+        if let Some(export) = &self.export {
+            export.export_span(&span);
+        }
+        if let Some(durable) = &self.durable {
+            durable.record_span(span.clone());
+        }
+        self.traces.record(span);
+    }
+
+    /// Every line `logs` stores from now on also goes to the durable tier and the exporter.
+    pub fn tap_logs(&self, logs: &LogStore) {
+        if self.durable.is_none() && self.export.is_none() {
+            return;
+        }
+        let durable = self.durable.clone();
+        let export = self.export.clone();
+        logs.set_sink(Box::new(move |record| {
+            if let Some(durable) = &durable {
+                durable.record_log(record.clone());
+            }
+            if let Some(export) = &export {
+                export.export_log(record);
+            }
+        }));
+    }
+
+    /// The pipeline's own counters for `/metrics`: what the durable tier and the exporter wrote
+    /// and what they had to drop to stay off the request path.
+    pub fn render(&self, out: &mut Exposition) {
+        if let Some(durable) = &self.durable {
+            let stats = durable.stats();
+            out.family(
+                "flotilla_telemetry_stored_total",
+                "Spans and log lines written to the durable telemetry store.",
+                MetricType::Counter,
+            );
+            out.sample("", &[("signal", "spans")], stats.spans_written as f64);
+            out.sample("", &[("signal", "logs")], stats.logs_written as f64);
+            out.family(
+                "flotilla_telemetry_store_dropped_total",
+                "Spans and log lines not stored because the store's queue was full.",
+                MetricType::Counter,
+            );
+            out.sample("", &[], stats.dropped as f64);
+            out.family(
+                "flotilla_telemetry_store_bytes",
+                "Size of the durable telemetry store.",
+                MetricType::Gauge,
+            );
+            out.sample("", &[], stats.size_bytes as f64);
+        }
+        if let Some(export) = &self.export {
+            let stats = export.stats();
+            out.family(
+                "flotilla_otlp_exported_total",
+                "Spans and log records delivered to the OTLP collector.",
+                MetricType::Counter,
+            );
+            out.sample("", &[("signal", "spans")], stats.exported_spans as f64);
+            out.sample("", &[("signal", "logs")], stats.exported_logs as f64);
+            out.family(
+                "flotilla_otlp_dropped_total",
+                "Spans and log records dropped instead of delaying requests (queue full or the collector failing).",
+                MetricType::Counter,
+            );
+            out.sample("", &[("signal", "spans")], stats.dropped_spans as f64);
+            out.sample("", &[("signal", "logs")], stats.dropped_logs as f64);
+            out.family(
+                "flotilla_otlp_failed_batches_total",
+                "Export batches the collector did not accept after retries.",
+                MetricType::Counter,
+            );
+            out.sample("", &[], stats.failed_batches as f64);
         }
     }
 }
 
 impl Observer for Telemetry {
     fn span(&self, span: Span) {
-        self.traces.record(span);
+        self.record_span(span);
     }
 
     fn call(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use flotilla_control::{AppInfo, Fleet as _, Phase, ServiceView};
-use flotilla_manifest::Manifest;
+use flotilla_manifest::{Manifest, Service};
 use flotilla_proxy::{BreakerState, Caller, Policies, Resilience};
 use flotilla_registry::Registry;
 use flotilla_registry::health::HealthChecker;
@@ -98,14 +98,40 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     let inner_stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let telemetry = Telemetry::new();
+    let telemetry = Telemetry::open(&manifest.telemetry, &state_dir)?;
+    telemetry.tap_logs(&logs);
+    let otlp_listener = match args.otlp_listen.or(manifest.telemetry.otlp_listen) {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            // Another collector on the machine is no reason to refuse to run the app.
+            Err(e) => {
+                output::warn(&format!(
+                    "the OTLP receiver cannot listen on {addr} ({e}); services' own spans will not reach Flotilla. Set `[telemetry] otlp_listen` or `--otlp-listen` to another address"
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+    let otlp_url = match &otlp_listener {
+        Some(listener) => Some(format!("http://{}", listener.local_addr()?)),
+        None => None,
+    };
     let mut resilience = Resilience::new(Policies::from_manifest(&manifest));
     // Set before any stack gets its clone: a stack reads the observer once, when it is built.
     if manifest.telemetry.enabled {
         resilience.observer = Some(Arc::new(telemetry.clone()));
     }
     announce_breakers(&resilience, &manifest, &logs);
-    let sidecars = start_sidecars(&manifest, &discovery, &resilience, &tasks, &inner_stop).await?;
+    let sidecars = start_sidecars(
+        &manifest,
+        &discovery,
+        &resilience,
+        otlp_url.as_deref(),
+        &tasks,
+        &inner_stop,
+    )
+    .await?;
     let supervisor = Supervisor::new(SupervisorConfig {
         manifest: manifest.clone(),
         state_dir: state_dir.clone(),
@@ -120,8 +146,7 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         registry: registry.clone(),
         logs: logs.clone(),
         resilience: resilience.clone(),
-        traces: telemetry.traces,
-        metrics: telemetry.metrics,
+        telemetry,
         gateway_url: gateway_url.clone(),
         control_url: control_url.clone(),
         started_at: SystemTime::now(),
@@ -151,6 +176,15 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
             }
         }
     });
+    if let Some(listener) = otlp_listener {
+        let fleet: Arc<dyn flotilla_control::Fleet> = fleet.clone();
+        let stop = inner_stop.clone();
+        tasks.spawn(async move {
+            if let Err(e) = flotilla_control::serve_otlp(listener, fleet, stop).await {
+                tracing::error!("OTLP receiver stopped: {e}");
+            }
+        });
+    }
     match StopSignals::install() {
         Ok(signals) => {
             tasks.spawn(signals.watch(fleet.stop.clone(), args.detached_child));
@@ -175,6 +209,7 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
             pid: std::process::id(),
             control: control_url.clone(),
             gateway: gateway_url.clone(),
+            otlp: otlp_url.clone(),
         },
     )?;
 
@@ -223,6 +258,10 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         .is_err()
     {
         tracing::warn!("some servers did not finish draining within 15s");
+    }
+    // Whatever is still queued for the durable store is written before the process ends.
+    if let Some(durable) = fleet.telemetry.durable.clone() {
+        let _ = tokio::task::spawn_blocking(move || durable.flush()).await;
     }
     let _ = std::fs::remove_file(&fleet_file);
     output::note(&format!("{} stopped", manifest.app));
@@ -350,6 +389,7 @@ async fn start_sidecars(
     manifest: &Manifest,
     discovery: &Arc<Registry>,
     resilience: &Resilience,
+    otlp_url: Option<&str>,
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<Sidecars> {
@@ -381,19 +421,40 @@ async fn start_sidecars(
             });
             // Both spellings: curl and Python read the lower-case ones, many others the upper-case.
             let loopback = "localhost,127.0.0.1,::1".to_owned();
-            env.insert(
-                instance,
-                vec![
-                    ("HTTP_PROXY".to_owned(), url.clone()),
-                    ("http_proxy".to_owned(), url.clone()),
-                    ("NO_PROXY".to_owned(), loopback.clone()),
-                    ("no_proxy".to_owned(), loopback),
-                    ("FLOTILLA_SIDECAR".to_owned(), url),
-                ],
-            );
+            let mut vars = vec![
+                ("HTTP_PROXY".to_owned(), url.clone()),
+                ("http_proxy".to_owned(), url.clone()),
+                ("NO_PROXY".to_owned(), loopback.clone()),
+                ("no_proxy".to_owned(), loopback),
+                ("FLOTILLA_SIDECAR".to_owned(), url),
+            ];
+            if let Some(otlp) = otlp_url {
+                vars.extend(otel_env(otlp, service, &instance));
+            }
+            env.insert(instance, vars);
         }
     }
     Ok(Sidecars { env })
+}
+
+/// What every OpenTelemetry SDK reads to send its spans and logs to Flotilla's receiver under
+/// the service's name; a service's own `env` in the manifest still wins.
+fn otel_env(otlp: &str, service: &Service, instance: &str) -> Vec<(String, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), otlp.to_owned()),
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL".to_owned(),
+            "http/protobuf".to_owned(),
+        ),
+        ("OTEL_SERVICE_NAME".to_owned(), service.name.to_string()),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES".to_owned(),
+            format!(
+                "service.instance.id={instance},service.version={}",
+                service.version
+            ),
+        ),
+    ]
 }
 
 /// Ctrl-C, SIGTERM and SIGHUP, caught from the moment this is made: a process installs them
@@ -558,6 +619,9 @@ async fn detach(args: &UpArgs, manifest: &Manifest) -> Result<ExitCode> {
     }
     if let Some(addr) = args.control_listen {
         command.arg("--control-listen").arg(addr.to_string());
+    }
+    if let Some(addr) = args.otlp_listen {
+        command.arg("--otlp-listen").arg(addr.to_string());
     }
     if args.no_build {
         command.arg("--no-build");

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -308,6 +309,8 @@ health = { interval = "100ms", startup_timeout = "2s" }
             "127.0.0.1:0",
             "--control-listen",
             "127.0.0.1:0",
+            "--otlp-listen",
+            "127.0.0.1:0",
         ])
         .output()
         .expect("run up -d");
@@ -336,6 +339,8 @@ fn detached_up_returns_when_ready_and_down_stops_it() {
             "--gateway-listen",
             "127.0.0.1:0",
             "--control-listen",
+            "127.0.0.1:0",
+            "--otlp-listen",
             "127.0.0.1:0",
         ])
         .output()
@@ -372,6 +377,8 @@ fn a_taken_port_is_reported_by_name() {
         "--gateway-listen",
         &addr,
         "--control-listen",
+        "127.0.0.1:0",
+        "--otlp-listen",
         "127.0.0.1:0",
     ]);
     assert!(!output.status.success());
@@ -416,6 +423,8 @@ colour = "blue"
         "127.0.0.1:0",
         "--control-listen",
         "127.0.0.1:0",
+        "--otlp-listen",
+        "127.0.0.1:0",
     ]);
     assert_eq!(up.status.code(), Some(2));
     assert!(
@@ -449,6 +458,8 @@ run = "python3 echo.py"
         "--gateway-listen",
         "127.0.0.1:0",
         "--control-listen",
+        "127.0.0.1:0",
+        "--otlp-listen",
         "127.0.0.1:0",
     ]);
     assert!(!output.status.success());
@@ -1215,4 +1226,360 @@ fn check_with(program: &str, args: &[&str], input: &str) {
         text(&output.stdout),
         text(&output.stderr)
     );
+}
+
+const INSTRUMENTED: &str = r#"
+app = "otel"
+
+[[gateway.routes]]
+prefix = "/tracked"
+service = "tracked"
+rewrite = "/"
+
+[services.tracked]
+run = "python3 tracked.py"
+version = "1.2.3"
+health = { interval = "200ms" }
+"#;
+
+/// A service instrumented the way users instrument theirs: the OpenTelemetry Python SDK with
+/// its OTLP/HTTP exporter, configured only by the `OTEL_*` environment Flotilla sets. It
+/// continues the incoming trace (W3C `traceparent`) with a SERVER span and a child of its own.
+const TRACKED_SERVICE: &str = r#"
+import json, os, signal, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+provider = TracerProvider(resource=Resource.create())
+provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
+trace.set_tracer_provider(provider)
+tracer = trace.get_tracer("tracked")
+propagator = TraceContextTextMapPropagator()
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path == "/healthz":
+            body = b'{"status":"ok"}'
+        else:
+            carrier = {k.lower(): v for k, v in self.headers.items()}
+            context = propagator.extract(carrier)
+            with tracer.start_as_current_span("handle " + self.path, context=context,
+                                              kind=trace.SpanKind.SERVER) as span:
+                span.set_attribute("http.request.method", "GET")
+                span.set_attribute("url.path", self.path)
+                with tracer.start_as_current_span("compute") as inner:
+                    inner.set_attribute("rows", 42)
+            body = json.dumps({
+                "traceparent": self.headers.get("traceparent"),
+                "otel": {k: v for k, v in os.environ.items() if k.startswith("OTEL_")},
+            }).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+server.serve_forever()
+"#;
+
+/// Whether this Python has the OpenTelemetry SDK and its OTLP/HTTP exporter (`.ci/run` installs
+/// them); says why a test is skipped when it has not.
+fn python_has_opentelemetry(test: &str) -> bool {
+    let found = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        eprintln!(
+            "SKIPPED {test}: python3 lacks the OpenTelemetry SDK; \
+             `python3 -m pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http` \
+             (as .ci/run does) to run it"
+        );
+    }
+    found
+}
+
+fn fleet_file(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join(".flotilla/fleet.json")).expect("fleet file");
+    serde_json::from_str(&text).expect("fleet file is JSON")
+}
+
+#[test]
+fn spans_from_an_opentelemetry_sdk_join_the_proxies_trace() {
+    if !python_has_opentelemetry("spans_from_an_opentelemetry_sdk_join_the_proxies_trace") {
+        return;
+    }
+    let app = App::new(INSTRUMENTED);
+    std::fs::write(app.path().join("tracked.py"), TRACKED_SERVICE).expect("write tracked.py");
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let otlp = fleet_file(app.path())["otlp"]
+        .as_str()
+        .expect("the fleet file names the OTLP receiver")
+        .to_owned();
+
+    let answer = get(&format!("{}/tracked/work", fleet.gateway));
+    assert_eq!(answer.status(), 200, "{}", fleet.output());
+    let seen: Value = answer.json().expect("json");
+    assert_eq!(seen["otel"]["OTEL_EXPORTER_OTLP_ENDPOINT"], otlp.as_str());
+    assert_eq!(seen["otel"]["OTEL_SERVICE_NAME"], "tracked");
+    assert_eq!(
+        seen["otel"]["OTEL_RESOURCE_ATTRIBUTES"],
+        "service.instance.id=tracked-1,service.version=1.2.3"
+    );
+    let traceparent = seen["traceparent"].as_str().expect("a traceparent came in");
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    let (trace_id, proxy_span) = (parts[1], parts[2]);
+
+    let mut spans = Vec::new();
+    wait_until(
+        "the SDK's spans in the trace",
+        Duration::from_secs(15),
+        || {
+            spans = get_json(&format!("{}/v1/traces/{trace_id}", fleet.control))
+                .and_then(|t| t["spans"].as_array().cloned())
+                .unwrap_or_default();
+            spans.iter().filter(|s| s["service"] == "tracked").count() >= 3
+        },
+    );
+    // The proxy's SERVER span is the one whose id the service received; the SDK's SERVER span
+    // hangs under it and its own child under that.
+    let proxy_server = spans
+        .iter()
+        .find(|s| s["span_id"] == proxy_span)
+        .unwrap_or_else(|| panic!("the proxy span {proxy_span}: {spans:#?}"));
+    assert_eq!(proxy_server["kind"], "server");
+    let handle = spans
+        .iter()
+        .find(|s| s["name"] == "handle /work")
+        .unwrap_or_else(|| panic!("the SDK's span: {spans:#?}"));
+    assert_eq!(handle["service"], "tracked");
+    assert_eq!(handle["instance"], "tracked-1");
+    assert_eq!(handle["kind"], "server");
+    assert_eq!(handle["parent_span_id"], proxy_span);
+    assert_eq!(handle["trace_id"], trace_id);
+    let compute = spans
+        .iter()
+        .find(|s| s["name"] == "compute")
+        .expect("the SDK's child span");
+    assert_eq!(compute["parent_span_id"], handle["span_id"]);
+    assert_eq!(compute["kind"], "internal");
+    assert!(
+        compute["attributes"].to_string().contains("rows"),
+        "{compute}"
+    );
+    assert!(spans.iter().any(|s| s["service"] == "gateway"));
+
+    // A malformed payload on the real socket: refused, and nothing of it stored.
+    let refused = client_post(
+        &format!("{otlp}/v1/traces"),
+        "application/x-protobuf",
+        b"\x0a\xff\xff",
+    );
+    assert_eq!(refused, 400);
+    let listed = get_json(&format!("{}/v1/traces?service=tracked", fleet.control))
+        .and_then(|t| t.as_array().cloned())
+        .unwrap_or_default();
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+}
+
+fn client_post(url: &str, content_type: &str, body: &[u8]) -> u16 {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .post(url)
+        .header("content-type", content_type)
+        .body(body.to_vec())
+        .send()
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+        .status()
+        .as_u16()
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmRSS")
+}
+
+/// OTLP protobuf with `n` spans of one new trace each, as an SDK's batch would carry them.
+fn otlp_batch(batch: usize, n: usize) -> Vec<u8> {
+    use flotilla_telemetry::{
+        AttributeValue, HttpHop, Span, SpanId, SpanKind, SpanStatus, TraceId,
+    };
+    let spans: Vec<Span> = (0..n)
+        .map(|i| {
+            let id = (batch * n + i + 1) as u64;
+            let mut trace = [0u8; 16];
+            trace[8..].copy_from_slice(&id.to_be_bytes());
+            Span {
+                trace_id: TraceId(trace),
+                span_id: SpanId(id.to_be_bytes()),
+                parent_span_id: None,
+                service: "flood".into(),
+                instance: None,
+                name: format!("flood {i}").into(),
+                kind: SpanKind::Server,
+                start: std::time::SystemTime::now(),
+                duration: Duration::from_millis(1),
+                status: SpanStatus::Unset,
+                status_message: None,
+                http: HttpHop::default(),
+                attributes: vec![("payload".into(), AttributeValue::Text("x".repeat(200)))],
+            }
+        })
+        .collect();
+    flotilla_telemetry::otlp::encode_traces(&spans)
+}
+
+#[test]
+fn a_flood_of_spans_keeps_memory_bounded() {
+    let app = App::new(ONE_SERVICE);
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let otlp = fleet_file(app.path())["otlp"]
+        .as_str()
+        .expect("otlp")
+        .to_owned();
+    let url = format!("{otlp}/v1/traces");
+    let send = |from: usize, to: usize| {
+        for batch in from..to {
+            let body = otlp_batch(batch, 2_000);
+            assert_eq!(client_post(&url, "application/x-protobuf", &body), 200);
+        }
+    };
+    // Past the in-memory capacity (100,000 spans) once, then three times as much again: what
+    // memory holds must stop growing once the stores are full.
+    send(0, 60);
+    let full = rss_kib(fleet.child.id());
+    send(60, 240);
+    let after = rss_kib(fleet.child.id());
+    let metrics = get(&format!("{}/metrics", fleet.control))
+        .text()
+        .expect("metrics");
+    let held: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flotilla_trace_spans "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("flotilla_trace_spans in:\n{metrics}"));
+    assert!(held <= 100_000.0, "{held} spans held");
+    assert!(
+        after < full + 64 * 1024,
+        "memory grew from {full} KiB to {after} KiB while 360,000 more spans went through"
+    );
+}
+
+#[test]
+fn telemetry_outlives_a_restart_and_logs_stream_as_events() {
+    use std::io::{BufRead, BufReader};
+    let app = App::new(ONE_SERVICE);
+    let mut fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+
+    // Server-sent events: subscribed before the line is written, it arrives as one `log` event.
+    let stream = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+        .get(format!("{}/v1/logs/stream?grep=remember-me", fleet.control))
+        .send()
+        .expect("open the event stream");
+    assert_eq!(stream.status(), 200);
+    assert_eq!(
+        stream.headers()["content-type"].to_str().ok(),
+        Some("text/event-stream")
+    );
+    let (event_tx, event_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut event = String::new();
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if line.is_empty() {
+                let _ = event_tx.send(std::mem::take(&mut event));
+            } else {
+                event.push_str(&line);
+                event.push('\n');
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    let answer = get(&format!("{}/back/remember-me", fleet.gateway));
+    assert_eq!(answer.status(), 200);
+    let echoed: Value = answer.json().expect("json");
+    let traceparent = echoed["headers"]["traceparent"]
+        .as_str()
+        .expect("traceparent");
+    let trace_id = traceparent.split('-').nth(1).expect("trace id").to_owned();
+
+    let event = event_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a log event");
+    let data = event
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("a data line in {event:?}"));
+    assert!(event.starts_with("event: log\n"), "{event:?}");
+    let record: Value = serde_json::from_str(data).expect("the record as JSON");
+    assert_eq!(record["service"], "back");
+    assert!(
+        record["line"]
+            .as_str()
+            .unwrap_or("")
+            .contains("remember-me")
+    );
+
+    wait_until("the trace", Duration::from_secs(10), || {
+        get(&format!("{}/v1/traces/{trace_id}", fleet.control)).status() == 200
+    });
+    fleet.signal(libc::SIGTERM);
+    assert_eq!(fleet.wait_exit(Duration::from_secs(30)), Some(0));
+    assert!(
+        app.path().join(".flotilla/telemetry/telemetry.db").exists(),
+        "the durable store is under .flotilla/telemetry/"
+    );
+
+    // A new run: memory is empty, the durable tier still answers.
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let lines = get_json(&format!("{}/v1/logs?grep=REMEMBER-me", fleet.control))
+        .and_then(|l| l.as_array().cloned())
+        .unwrap_or_default();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["service"], "back");
+    let by_trace = get_json(&format!("{}/v1/logs?trace={trace_id}", fleet.control))
+        .and_then(|l| l.as_array().cloned())
+        .unwrap_or_default();
+    assert!(!by_trace.is_empty(), "the line carries the trace id");
+    let trace = get_json(&format!("{}/v1/traces/{trace_id}", fleet.control))
+        .unwrap_or_else(|| panic!("trace {trace_id} after the restart"));
+    let spans = trace["spans"].as_array().expect("spans");
+    assert!(
+        spans.iter().any(|s| s["service"] == "gateway"),
+        "{spans:#?}"
+    );
+    let listed = get_json(&format!("{}/v1/traces?service=back", fleet.control))
+        .and_then(|t| t.as_array().cloned())
+        .unwrap_or_default();
+    assert!(listed.iter().any(|t| t["trace_id"] == trace_id.as_str()));
 }

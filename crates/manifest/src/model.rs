@@ -74,17 +74,49 @@ pub struct ControlSettings {
     pub listen: SocketAddr,
 }
 
-/// `[telemetry]`: what the proxies record about the calls they carry.
+/// `[telemetry]`: what the proxies record about the calls they carry, where services send their
+/// own spans, where it is all kept and where it is forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TelemetrySettings {
     /// `enabled`, default true: spans per hop, the trace store, `/metrics`' call families and the
     /// application map. Off, the proxies only propagate nothing and record nothing.
     pub enabled: bool,
+    /// `otlp_listen`, default `127.0.0.1:4318` (the OTLP/HTTP port every SDK defaults to);
+    /// `"off"` runs no receiver. Services get `OTEL_EXPORTER_OTLP_ENDPOINT` pointing here.
+    pub otlp_listen: Option<SocketAddr>,
+    /// `otlp_endpoint`: an OTLP/HTTP collector (`http://collector:4318`) that every span and log
+    /// line is forwarded to, in batches.
+    pub otlp_endpoint: Option<String>,
+    /// `storage`, default `sqlite` (under `.flotilla/telemetry/`); `memory` keeps only the
+    /// bounded in-memory window.
+    pub storage: TelemetryStorage,
+    /// `retention`, default 24h: spans and log lines older than this are deleted.
+    pub retention: Duration,
+    /// `max_storage`, default 256 MiB: the oldest data goes first once the store is larger.
+    pub max_storage: u64,
 }
+
+/// Where telemetry is kept beyond the in-memory window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TelemetryStorage {
+    Sqlite,
+    Memory,
+}
+
+/// The port OpenTelemetry SDKs send OTLP/HTTP to by default.
+pub const DEFAULT_OTLP_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 4318);
 
 impl Default for TelemetrySettings {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            otlp_listen: Some(DEFAULT_OTLP_LISTEN),
+            otlp_endpoint: None,
+            storage: TelemetryStorage::Sqlite,
+            retention: Duration::from_secs(24 * 3600),
+            max_storage: 256 << 20,
+        }
     }
 }
 

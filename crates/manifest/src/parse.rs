@@ -20,7 +20,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics, LineIndex};
 use crate::model::{
     BreakerPolicy, BulkheadPolicy, ControlSettings, Fallback, GatewaySettings, HealthSettings,
     LoadBalancer, Manifest, OutlierPolicy, Policy, RestartSettings, RetryPolicy, Route, Service,
-    TelemetrySettings,
+    TelemetrySettings, TelemetryStorage,
 };
 use crate::suggest::closest;
 
@@ -46,7 +46,15 @@ const DEFAULT_FALLBACK_CONTENT_TYPE: &str = "application/json";
 const AT_LEAST_ONE: RangeInclusive<u32> = 1..=u32::MAX;
 
 const TOP_KEYS: &[&str] = &["app", "gateway", "control", "telemetry", "services"];
-const TELEMETRY_KEYS: &[&str] = &["enabled"];
+const TELEMETRY_KEYS: &[&str] = &[
+    "enabled",
+    "otlp_listen",
+    "otlp_endpoint",
+    "storage",
+    "retention",
+    "max_storage",
+];
+const SIZE_HELP: &str = "use a number of bytes or a number with a unit, like \"512MiB\" or \"1GB\"";
 const GATEWAY_KEYS: &[&str] = &["listen", "routes"];
 const ROUTE_KEYS: &[&str] = &[
     "prefix",
@@ -140,6 +148,54 @@ pub(crate) fn parse(source: &str, path: &Path) -> Result<Manifest, Diagnostics> 
 /// Humantime's reason for rejecting `s`, without restating the input.
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| e.to_string())
+}
+
+/// A size like `512MiB`, `1GB` or `4096`: SI units are powers of 1000, IEC ones of 1024.
+pub(crate) fn byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1_000,
+        "mb" | "m" => 1_000_000,
+        "gb" | "g" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (use B, KB, MB, GB, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    let bytes = number * scale as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{text:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// An OTLP/HTTP base URL: plain `http://` for now (TLS arrives with the gateway edge).
+fn otlp_endpoint(text: &str) -> Result<String, String> {
+    let url = text.trim().trim_end_matches('/');
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(if url.starts_with("https://") {
+            "https is not supported yet; use a collector's plain http:// OTLP port".into()
+        } else {
+            "expected an http:// URL".into()
+        });
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() || authority.contains(char::is_whitespace) {
+        return Err("the URL names no host".into());
+    }
+    Ok(url.to_owned())
 }
 
 /// Where a `listen` address came from, to tell a real clash from one caused by an earlier error.
@@ -274,14 +330,30 @@ impl Checker<'_> {
             .get("telemetry")
             .and_then(|value| self.table(value, "telemetry"))
         {
-            self.unknown_keys(table, TELEMETRY_KEYS, "in [telemetry]");
-            self.set_bool(table, "enabled", &mut telemetry.enabled);
+            self.telemetry(table, &mut telemetry);
         }
         let blamed = match (control_listen, gateway_listen) {
             (Listen::Invalid, _) | (_, Listen::Invalid) => None,
             (Listen::Given(span), _) | (_, Listen::Given(span)) => Some(span),
             (Listen::Default, Listen::Default) => None,
         };
+        if let Some(otlp) = telemetry.otlp_listen
+            && otlp.port() != 0
+            && (otlp == gateway.listen || otlp == control.listen)
+            && let Some(value) = root
+                .get("telemetry")
+                .and_then(|t| t.get_ref().as_table())
+                .and_then(|t| t.get("otlp_listen"))
+        {
+            self.error(
+                &value.span(),
+                format!("the OTLP receiver and another server both listen on {otlp}"),
+                Some(
+                    "give [telemetry] otlp_listen a port of its own, like \"127.0.0.1:4318\""
+                        .into(),
+                ),
+            );
+        }
         // Port 0 asks the OS for a free port, so two of them never clash.
         if gateway.listen == control.listen && gateway.listen.port() != 0 {
             if let Some(span) = blamed {
@@ -353,6 +425,87 @@ impl Checker<'_> {
         self.unknown_keys(table, CONTROL_KEYS, "in [control]");
         let listen = self.listen(table, &mut settings.listen);
         (settings, listen)
+    }
+
+    fn telemetry(&mut self, table: &DeTable<'_>, telemetry: &mut TelemetrySettings) {
+        self.unknown_keys(table, TELEMETRY_KEYS, "in [telemetry]");
+        self.set_bool(table, "enabled", &mut telemetry.enabled);
+        if let Some(value) = table.get("otlp_listen")
+            && let Some(text) = self.string(value, "otlp_listen")
+        {
+            if text == "off" {
+                telemetry.otlp_listen = None;
+            } else {
+                match text.parse() {
+                    Ok(addr) => telemetry.otlp_listen = Some(addr),
+                    Err(_) => self.error(
+                        &value.span(),
+                        format!("invalid listen address {text:?} for `otlp_listen`"),
+                        Some(format!("{LISTEN_HELP}, or \"off\" for no receiver")),
+                    ),
+                }
+            }
+        }
+        if let Some(value) = table.get("otlp_endpoint")
+            && let Some(text) = self.string(value, "otlp_endpoint")
+        {
+            match otlp_endpoint(text) {
+                Ok(url) => telemetry.otlp_endpoint = Some(url),
+                Err(reason) => self.error(
+                    &value.span(),
+                    format!("invalid `otlp_endpoint` {text:?}: {reason}"),
+                    Some(
+                        "give the collector's OTLP/HTTP base URL, like \"http://127.0.0.1:4318\""
+                            .into(),
+                    ),
+                ),
+            }
+        }
+        if let Some(value) = table.get("storage")
+            && let Some(text) = self.string(value, "storage")
+        {
+            match text {
+                "sqlite" => telemetry.storage = TelemetryStorage::Sqlite,
+                "memory" => telemetry.storage = TelemetryStorage::Memory,
+                other => {
+                    let help = match closest(other, ["sqlite", "memory"]) {
+                        Some(near) => format!("did you mean \"{near}\"?"),
+                        None => {
+                            "use \"sqlite\" (kept under .flotilla/telemetry/) or \"memory\"".into()
+                        }
+                    };
+                    self.error(
+                        &value.span(),
+                        format!("unknown telemetry storage {other:?}"),
+                        Some(help),
+                    );
+                }
+            }
+        }
+        self.set_duration(table, "retention", false, &mut telemetry.retention);
+        if let Some(value) = table.get("max_storage") {
+            let parsed = match value.get_ref() {
+                DeValue::Integer(integer) => i64::from_str_radix(integer.as_str(), integer.radix())
+                    .ok()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(|| "expected a positive number of bytes".to_owned()),
+                DeValue::String(text) => byte_size(text),
+                _ => Err("expected a size".to_owned()),
+            };
+            match parsed {
+                Ok(0) => self.error(
+                    &value.span(),
+                    "`max_storage` must be larger than zero",
+                    Some(SIZE_HELP.into()),
+                ),
+                Ok(bytes) => telemetry.max_storage = bytes,
+                Err(reason) => self.error(
+                    &value.span(),
+                    format!("invalid `max_storage`: {reason}"),
+                    Some(SIZE_HELP.into()),
+                ),
+            }
+        }
     }
 
     /// Overwrites `slot` with the table's valid `listen` address, if it has one.

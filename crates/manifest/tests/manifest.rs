@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_manifest::{
-    BreakerPolicy, BulkheadPolicy, Diagnostic, Diagnostics, Fallback, HealthSettings, LoadBalancer,
-    Manifest, OutlierPolicy, Policy, RestartSettings, RetryPolicy, load, parse,
+    BreakerPolicy, BulkheadPolicy, DEFAULT_OTLP_LISTEN, Diagnostic, Diagnostics, Fallback,
+    HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy, RestartSettings, RetryPolicy,
+    TelemetrySettings, TelemetryStorage, load, parse,
 };
 
 const DURATION_HELP: &str = "use a number with a unit, like \"500ms\", \"2s\" or \"1m\"";
@@ -1557,5 +1558,75 @@ fn telemetry_can_be_switched_off() {
         3,
         1,
         "unknown key `enabeld` in [telemetry]",
+    );
+}
+
+#[test]
+fn telemetry_receiver_storage_and_export() {
+    let defaults = ok("app = \"a\"\n").telemetry;
+    assert_eq!(defaults.otlp_listen, Some(DEFAULT_OTLP_LISTEN));
+    assert_eq!(defaults.otlp_endpoint, None);
+    assert_eq!(defaults.storage, TelemetryStorage::Sqlite);
+    assert_eq!(defaults.retention, Duration::from_secs(86_400));
+    assert_eq!(defaults.max_storage, 256 << 20);
+
+    let set = ok(
+        "app = \"a\"\n[telemetry]\notlp_listen = \"127.0.0.1:14318\"\n\
+         otlp_endpoint = \"http://collector:4318/\"\nstorage = \"memory\"\n\
+         retention = \"7d\"\nmax_storage = \"1GB\"\n",
+    )
+    .telemetry;
+    assert_eq!(set.otlp_listen, Some("127.0.0.1:14318".parse().unwrap()));
+    assert_eq!(set.otlp_endpoint.as_deref(), Some("http://collector:4318"));
+    assert_eq!(set.storage, TelemetryStorage::Memory);
+    assert_eq!(set.retention, Duration::from_secs(7 * 86_400));
+    assert_eq!(set.max_storage, 1_000_000_000);
+    assert_eq!(
+        ok("app = \"a\"\n[telemetry]\nmax_storage = 4096\notlp_listen = \"off\"\n").telemetry,
+        TelemetrySettings {
+            max_storage: 4096,
+            otlp_listen: None,
+            ..TelemetrySettings::default()
+        }
+    );
+    assert_eq!(
+        ok("app = \"a\"\n[telemetry]\nmax_storage = \"512MiB\"\n")
+            .telemetry
+            .max_storage,
+        512 << 20
+    );
+
+    let error = single_error(
+        "app = \"a\"\n[telemetry]\notlp_endpoint = \"https://collector:4318\"\n",
+        3,
+        17,
+        "invalid `otlp_endpoint` \"https://collector:4318\": https is not supported yet; use a \
+         collector's plain http:// OTLP port",
+    );
+    assert!(help(&error).contains("http://127.0.0.1:4318"), "{error}");
+    let error = single_error(
+        "app = \"a\"\n[telemetry]\nstorage = \"sqlit\"\n",
+        3,
+        11,
+        "unknown telemetry storage \"sqlit\"",
+    );
+    assert_eq!(help(&error), "did you mean \"sqlite\"?");
+    single_error(
+        "app = \"a\"\n[telemetry]\nmax_storage = \"12 parsecs\"\n",
+        3,
+        15,
+        "invalid `max_storage`: unknown unit \"parsecs\" (use B, KB, MB, GB, KiB, MiB or GiB)",
+    );
+    single_error(
+        "app = \"a\"\n[telemetry]\notlp_listen = \"localhost:4318\"\n",
+        3,
+        15,
+        "invalid listen address \"localhost:4318\" for `otlp_listen`",
+    );
+    single_error(
+        "app = \"a\"\n[telemetry]\notlp_listen = \"127.0.0.1:4400\"\n",
+        3,
+        15,
+        "the OTLP receiver and another server both listen on 127.0.0.1:4400",
     );
 }

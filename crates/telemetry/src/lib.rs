@@ -28,7 +28,7 @@ pub mod traces;
 mod wire;
 
 pub use level::{Level, classify};
-pub use logs::{LogQuery, LogRecord, LogStore, Stream};
+pub use logs::{LogQuery, LogRecord, LogSink, LogStore, Stream};
 pub use map::EdgeStats;
 pub use metrics::{Exposition, InFlightGuard, MetricType, Metrics, render_trace_store};
 pub use span::{

@@ -109,7 +109,13 @@ pub struct LogStore {
     followers: broadcast::Sender<Arc<LogRecord>>,
     /// Lines pushed out of the ring to make room.
     evicted: AtomicU64,
+    /// Where every line also goes, synchronously and without blocking (the durable store's and
+    /// the exporter's queues): a broadcast follower could lag and lose lines under a burst.
+    sink: std::sync::OnceLock<LogSink>,
 }
+
+/// Receives every pushed record; must not block.
+pub type LogSink = Box<dyn Fn(&Arc<LogRecord>) + Send + Sync>;
 
 impl LogStore {
     /// Keeps the newest `capacity` lines.
@@ -119,7 +125,13 @@ impl LogStore {
             capacity: capacity.max(1),
             followers: broadcast::channel(1024).0,
             evicted: AtomicU64::new(0),
+            sink: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sends every record pushed from now on to `sink` as well; only the first sink set counts.
+    pub fn set_sink(&self, sink: LogSink) -> bool {
+        self.sink.set(sink).is_ok()
     }
 
     pub fn push(&self, record: LogRecord) {
@@ -131,6 +143,9 @@ impl LogStore {
                 self.evicted.fetch_add(1, Ordering::Relaxed);
             }
             ring.push_back(record.clone());
+        }
+        if let Some(sink) = self.sink.get() {
+            sink(&record);
         }
         // No follower is not an error; a slow follower lags and is told so by the channel.
         let _ = self.followers.send(record);

@@ -301,6 +301,12 @@ pub fn render_trace_store(traces: &TraceStore, out: &mut Exposition) {
         MetricType::Counter,
     );
     out.sample("", &[], traces.dropped() as f64);
+    out.family(
+        "flotilla_trace_spans",
+        "Spans held in memory by the trace store.",
+        MetricType::Gauge,
+    );
+    out.sample("", &[], traces.len() as f64);
 }
 
 /// A metric family's type, as written on its `# TYPE` line.
@@ -754,6 +760,7 @@ mod tests {
                 "flotilla_retries_total",
                 "flotilla_calls_unrecorded_total",
                 "flotilla_spans_dropped_total",
+                "flotilla_trace_spans",
             ]
         );
         let value = |name, labels: &[(&str, &str)]| find(&samples, name, labels).value;

@@ -15,14 +15,28 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TraceId(pub [u8; 16]);
 
-/// Trace ids are random already: their first eight bytes are as good a hash as any, and far
-/// cheaper than hashing all sixteen with SipHash on every span recorded.
+/// Trace ids are mostly random, but not all of them: 64-bit ids (Jaeger, Zipkin, B3) arrive
+/// zero-padded in the high half, and a service may send any id it likes over OTLP. So both halves
+/// count, folded through one keyed 64×64→128-bit multiply: far cheaper than SipHash on every span
+/// recorded, and without a per-process key no sender can aim many ids at one bucket.
 impl std::hash::Hash for TraceId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut first = [0; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_ne_bytes(first));
+        let (high, low) = self.0.split_at(8);
+        let word = |half: &[u8]| {
+            let mut bytes = [0; 8];
+            bytes.copy_from_slice(half);
+            u64::from_ne_bytes(bytes)
+        };
+        let (key_high, key_low) = hash_keys();
+        let product = u128::from(word(high) ^ key_high) * u128::from(word(low) ^ key_low);
+        state.write_u64((product as u64) ^ ((product >> 64) as u64));
     }
+}
+
+/// Drawn once per process.
+fn hash_keys() -> (u64, u64) {
+    static KEYS: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    *KEYS.get_or_init(|| (fastrand::u64(..), fastrand::u64(..)))
 }
 
 /// A hasher for maps keyed by ids that are random already: it passes the id's bits through.
@@ -266,5 +280,22 @@ mod tests {
         assert_eq!(SpanId::parse("00f067aa0ba902b"), None);
         assert_eq!(SpanId::parse("00f067aa0ba902bz"), None);
         assert_ne!(TraceId::random(), TraceId::random());
+    }
+
+    #[test]
+    fn padded_64_bit_trace_ids_spread_over_buckets() {
+        use std::hash::BuildHasher;
+        let hashes: std::collections::HashSet<u64> = (1..=10_000u64)
+            .map(|n| {
+                let mut id = [0; 16];
+                id[8..].copy_from_slice(&n.to_be_bytes());
+                IdHash::default().hash_one(TraceId(id))
+            })
+            .collect();
+        assert_eq!(
+            hashes.len(),
+            10_000,
+            "ids differing only in the low half collide"
+        );
     }
 }

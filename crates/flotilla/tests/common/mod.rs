@@ -55,7 +55,9 @@ class Handler(BaseHTTPRequestHandler):
                 "proxy": os.environ.get("HTTP_PROXY"),
                 "data_dir": os.environ.get("FLOTILLA_DATA_DIR"),
             }).encode()
-            print(f"GET {self.path} {status}", flush=True)
+            # Names its trace, as services should, so `flotilla logs --trace` finds the line.
+            trace = self.headers.get("traceparent")
+            print(f"GET {self.path} {status}" + (f" traceparent={trace}" if trace else ""), flush=True)
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -115,6 +117,8 @@ impl Fleet {
                 "--gateway-listen",
                 "127.0.0.1:0",
                 "--control-listen",
+                "127.0.0.1:0",
+                "--otlp-listen",
                 "127.0.0.1:0",
             ])
             .args(extra)
