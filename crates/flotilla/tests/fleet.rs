@@ -1583,3 +1583,55 @@ fn telemetry_outlives_a_restart_and_logs_stream_as_events() {
         .unwrap_or_default();
     assert!(listed.iter().any(|t| t["trace_id"] == trace_id.as_str()));
 }
+
+#[test]
+fn spans_and_lines_are_exported_to_an_otlp_collector() {
+    // The collector is another fleet's OTLP receiver: a real OTLP/HTTP endpoint.
+    let collector_app = App::new(ONE_SERVICE);
+    let collector = Fleet::start(collector_app.path(), &[]);
+    collector.wait_phase("ready", Duration::from_secs(60));
+    let endpoint = fleet_file(collector_app.path())["otlp"]
+        .as_str()
+        .expect("otlp")
+        .to_owned();
+
+    let app = App::new(&format!(
+        "{}\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n",
+        ONE_SERVICE.replace("app = \"single\"", "app = \"exporting\"")
+    ));
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let answer = get(&format!("{}/back/exported", fleet.gateway));
+    assert_eq!(answer.status(), 200);
+    let echoed: Value = answer.json().expect("json");
+    let traceparent = echoed["headers"]["traceparent"].as_str().expect("traceparent");
+    let trace_id = traceparent.split('-').nth(1).expect("trace id");
+
+    let mut spans = Vec::new();
+    wait_until("the exported spans at the collector", Duration::from_secs(15), || {
+        spans = get_json(&format!("{}/v1/traces/{trace_id}", collector.control))
+            .and_then(|t| t["spans"].as_array().cloned())
+            .unwrap_or_default();
+        spans.len() >= 2
+    });
+    assert!(spans.iter().any(|s| s["service"] == "gateway" && s["kind"] == "client"));
+    let server = spans
+        .iter()
+        .find(|s| s["kind"] == "server")
+        .unwrap_or_else(|| panic!("{spans:#?}"));
+    assert_eq!(server["service"], "back");
+    assert_eq!(server["http"]["path"], "/back/exported");
+    let mut lines = Vec::new();
+    wait_until("the exported log line at the collector", Duration::from_secs(15), || {
+        lines = get_json(&format!("{}/v1/logs?trace={trace_id}", collector.control))
+            .and_then(|l| l.as_array().cloned())
+            .unwrap_or_default();
+        !lines.is_empty()
+    });
+    assert!(lines[0]["line"].as_str().unwrap_or("").contains("/back/exported"));
+    let metrics = get(&format!("{}/metrics", fleet.control)).text().expect("metrics");
+    assert!(
+        metrics.contains("flotilla_otlp_exported_total{signal=\"spans\"}"),
+        "{metrics}"
+    );
+}
