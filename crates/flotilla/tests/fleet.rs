@@ -1604,17 +1604,27 @@ fn spans_and_lines_are_exported_to_an_otlp_collector() {
     let answer = get(&format!("{}/back/exported", fleet.gateway));
     assert_eq!(answer.status(), 200);
     let echoed: Value = answer.json().expect("json");
-    let traceparent = echoed["headers"]["traceparent"].as_str().expect("traceparent");
+    let traceparent = echoed["headers"]["traceparent"]
+        .as_str()
+        .expect("traceparent");
     let trace_id = traceparent.split('-').nth(1).expect("trace id");
 
     let mut spans = Vec::new();
-    wait_until("the exported spans at the collector", Duration::from_secs(15), || {
-        spans = get_json(&format!("{}/v1/traces/{trace_id}", collector.control))
-            .and_then(|t| t["spans"].as_array().cloned())
-            .unwrap_or_default();
-        spans.len() >= 2
-    });
-    assert!(spans.iter().any(|s| s["service"] == "gateway" && s["kind"] == "client"));
+    wait_until(
+        "the exported spans at the collector",
+        Duration::from_secs(15),
+        || {
+            spans = get_json(&format!("{}/v1/traces/{trace_id}", collector.control))
+                .and_then(|t| t["spans"].as_array().cloned())
+                .unwrap_or_default();
+            spans.len() >= 2
+        },
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["service"] == "gateway" && s["kind"] == "client")
+    );
     let server = spans
         .iter()
         .find(|s| s["kind"] == "server")
@@ -1622,14 +1632,25 @@ fn spans_and_lines_are_exported_to_an_otlp_collector() {
     assert_eq!(server["service"], "back");
     assert_eq!(server["http"]["path"], "/back/exported");
     let mut lines = Vec::new();
-    wait_until("the exported log line at the collector", Duration::from_secs(15), || {
-        lines = get_json(&format!("{}/v1/logs?trace={trace_id}", collector.control))
-            .and_then(|l| l.as_array().cloned())
-            .unwrap_or_default();
-        !lines.is_empty()
-    });
-    assert!(lines[0]["line"].as_str().unwrap_or("").contains("/back/exported"));
-    let metrics = get(&format!("{}/metrics", fleet.control)).text().expect("metrics");
+    wait_until(
+        "the exported log line at the collector",
+        Duration::from_secs(15),
+        || {
+            lines = get_json(&format!("{}/v1/logs?trace={trace_id}", collector.control))
+                .and_then(|l| l.as_array().cloned())
+                .unwrap_or_default();
+            !lines.is_empty()
+        },
+    );
+    assert!(
+        lines[0]["line"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/back/exported")
+    );
+    let metrics = get(&format!("{}/metrics", fleet.control))
+        .text()
+        .expect("metrics");
     assert!(
         metrics.contains("flotilla_otlp_exported_total{signal=\"spans\"}"),
         "{metrics}"
