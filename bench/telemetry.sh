@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# What telemetry costs the gateway, in one run: the same app twice, once with `[telemetry]
-# enabled = false`, requests/s and p99 through each gateway with wrk.
+# What telemetry costs the gateway, in one run: the same app three times — `[telemetry]
+# enabled = false`; spans in memory only (`storage = "memory"`); and the default (spans in memory
+# and, sampled to `stored_spans_per_second`, in SQLite) — requests/s and p99 through each gateway
+# with wrk.
 #
 #   bench/telemetry.sh [DURATION=10s] [CONNECTIONS=64]
 set -euo pipefail
@@ -17,17 +19,19 @@ flotilla="$PWD/target/release/flotilla"
 
 work="$(mktemp -d)"
 cleanup() {
-    for app in on off; do "$flotilla" down "$work/$app" >/dev/null 2>&1 || true; done
+    for app in on memory off; do "$flotilla" down "$work/$app" >/dev/null 2>&1 || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
 
 declare -A gateway
-for app in on off; do
+for app in on memory off; do
     mkdir -p "$work/$app"
     gateway[$app]="$(free_port)"
     enabled=true
+    storage=sqlite
     [[ "$app" == off ]] && enabled=false
+    [[ "$app" == memory ]] && storage=memory
     cat > "$work/$app/flotilla.toml" <<TOML
 app = "telemetry-$app"
 
@@ -43,6 +47,8 @@ listen = "127.0.0.1:$(free_port)"
 
 [telemetry]
 enabled = $enabled
+storage = "$storage"
+otlp_listen = "127.0.0.1:$(free_port)"
 
 $(upstream_service "$work/$app/upstream")
 TOML
@@ -52,10 +58,16 @@ done
 
 echo "wrk -t$threads -c$connections -d$duration on $(nproc) cores, one fleet at a time"
 measure telemetry_off "http://127.0.0.1:${gateway[off]}/" "$duration" "$connections"
+measure telemetry_memory "http://127.0.0.1:${gateway[memory]}/" "$duration" "$connections"
 measure telemetry_on "http://127.0.0.1:${gateway[on]}/" "$duration" "$connections"
+control="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["control"])' "$work/on/.flotilla/fleet.json")"
+stored="$(curl -fsS "$control/metrics" \
+    | grep -E '^flotilla_telemetry_(stored_total\{signal="spans"\}|store_sampled_out_total|store_dropped_total)' || true)"
 
-python3 - "$rps_telemetry_on" "$rps_telemetry_off" <<'PY'
+python3 - "$rps_telemetry_on" "$rps_telemetry_memory" "$rps_telemetry_off" <<'PY'
 import sys
-on, off = map(float, sys.argv[1:])
-print(f"telemetry on / off = {on / off:.3f}x requests/s: {100 * (1 - on / off):.1f}% cost (target < 5%)")
+on, memory, off = map(float, sys.argv[1:])
+print(f"spans in memory / off = {memory / off:.3f}x requests/s: {100 * (1 - memory / off):.1f}% cost")
+print(f"telemetry on (memory + SQLite) / off = {on / off:.3f}x requests/s: {100 * (1 - on / off):.1f}% cost (target < 5%)")
 PY
+echo "$stored"

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -28,6 +29,8 @@ pub struct Telemetry {
     pub durable: Option<TelemetryDb>,
     /// `[telemetry] otlp_endpoint`.
     pub export: Option<OtlpExporter>,
+    /// Which spans the durable tier gets under load.
+    pub sampler: Arc<StoreSampler>,
 }
 
 impl Telemetry {
@@ -38,12 +41,14 @@ impl Telemetry {
             metrics: Arc::new(Metrics::new()),
             durable: None,
             export: None,
+            sampler: Arc::new(StoreSampler::new(u32::MAX)),
         }
     }
 
     /// The stores `[telemetry]` asks for. Call within the runtime: the exporter spawns its task.
     pub fn open(settings: &TelemetrySettings, state_dir: &Path) -> Result<Self> {
         let mut telemetry = Self::new();
+        telemetry.sampler = Arc::new(StoreSampler::new(settings.stored_spans_per_second));
         if settings.storage == TelemetryStorage::Sqlite {
             let dir = state_dir.join("telemetry");
             let retention = Retention {
@@ -68,7 +73,9 @@ impl Telemetry {
         if let Some(export) = &self.export {
             export.export_span(&span);
         }
-        if let Some(durable) = &self.durable {
+        if let Some(durable) = &self.durable
+            && self.sampler.keep(&span)
+        {
             durable.record_span(span.clone());
         }
         self.traces.record(span);
@@ -110,6 +117,12 @@ impl Telemetry {
             );
             out.sample("", &[], stats.dropped as f64);
             out.family(
+                "flotilla_telemetry_store_sampled_out_total",
+                "Spans not stored because their trace was sampled out above `stored_spans_per_second`.",
+                MetricType::Counter,
+            );
+            out.sample("", &[], self.sampler.sampled_out() as f64);
+            out.family(
                 "flotilla_telemetry_store_bytes",
                 "Size of the durable telemetry store.",
                 MetricType::Gauge,
@@ -139,6 +152,77 @@ impl Telemetry {
             );
             out.sample("", &[], stats.failed_batches as f64);
         }
+    }
+}
+
+/// Keeps the durable tier's span rate near a budget by sampling whole traces: each span's trace
+/// id decides, so a trace is stored with all its spans or not at all (as head sampling would,
+/// but decided here, where the rate is known). Errors are always kept: they are what one looks
+/// for later. Memory and the exporter are not sampled. The keep ratio for each second follows
+/// the rate offered in the second before, so a steady load settles at the budget.
+pub struct StoreSampler {
+    budget: u32,
+    /// Spans offered in the current second, and which second that is.
+    offered: AtomicU64,
+    second: AtomicU64,
+    /// Traces kept per 65,536 of them.
+    keep_per_65536: AtomicU32,
+    sampled_out: AtomicU64,
+}
+
+impl StoreSampler {
+    pub fn new(budget: u32) -> Self {
+        Self {
+            budget,
+            offered: AtomicU64::new(0),
+            second: AtomicU64::new(0),
+            keep_per_65536: AtomicU32::new(65_536),
+            sampled_out: AtomicU64::new(0),
+        }
+    }
+
+    pub fn keep(&self, span: &Span) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.keep_at(span, now)
+    }
+
+    fn keep_at(&self, span: &Span, now: u64) -> bool {
+        let second = self.second.load(Ordering::Relaxed);
+        if now != second
+            && self
+                .second
+                .compare_exchange(second, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            // One thread per second turns last second's count into this second's ratio.
+            let offered = self.offered.swap(0, Ordering::Relaxed).max(1);
+            let ratio = if now == second + 1 {
+                (u64::from(self.budget) * 65_536 / offered).min(65_536)
+            } else {
+                // After a quiet spell, start by keeping everything again.
+                65_536
+            };
+            self.keep_per_65536.store(ratio as u32, Ordering::Relaxed);
+        }
+        self.offered.fetch_add(1, Ordering::Relaxed);
+        // The trace id's last two bytes are random in every id scheme in use (128-bit, or 64-bit
+        // padded on the left).
+        let bucket = u32::from(u16::from_le_bytes([
+            span.trace_id.0[14],
+            span.trace_id.0[15],
+        ]));
+        if span.is_error() || bucket < self.keep_per_65536.load(Ordering::Relaxed) {
+            true
+        } else {
+            self.sampled_out.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    pub fn sampled_out(&self) -> u64 {
+        self.sampled_out.load(Ordering::Relaxed)
     }
 }
 
@@ -174,6 +258,56 @@ mod tests {
     fn the_gateway_goes_by_one_name() {
         // The control API finds the gateway's spans and edges by this name.
         assert_eq!(flotilla_control::GATEWAY, flotilla_gateway::CALLER);
+    }
+
+    fn span_of(trace_id: TraceId, status: SpanStatus) -> Span {
+        Span {
+            trace_id,
+            span_id: SpanId::random(),
+            parent_span_id: None,
+            service: "gateway".into(),
+            instance: None,
+            name: "GET".into(),
+            kind: SpanKind::Client,
+            start: SystemTime::now(),
+            duration: Duration::from_millis(1),
+            status,
+            status_message: None,
+            http: HttpHop::default(),
+            attributes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_store_sampler_keeps_whole_traces_near_the_budget() {
+        let sampler = StoreSampler::new(100);
+        let kept = |second: u64, n: usize| {
+            (0..n)
+                .filter(|_| sampler.keep_at(&span_of(TraceId::random(), SpanStatus::Unset), second))
+                .count()
+        };
+        assert_eq!(
+            kept(1_000, 10_000),
+            10_000,
+            "everything until a rate is known"
+        );
+        let settled = kept(1_001, 10_000);
+        assert!(
+            (40..=250).contains(&settled),
+            "{settled} kept of 10,000 for a budget of 100"
+        );
+        // A trace is stored whole or not at all; errors always.
+        let trace = TraceId::random();
+        let first = sampler.keep_at(&span_of(trace, SpanStatus::Unset), 1_001);
+        assert!(
+            (0..20).all(|_| sampler.keep_at(&span_of(trace, SpanStatus::Unset), 1_001) == first)
+        );
+        assert!(
+            (0..50).all(|_| sampler.keep_at(&span_of(TraceId::random(), SpanStatus::Error), 1_001))
+        );
+        assert!(sampler.sampled_out() > 9_000);
+        // After a quiet spell everything is kept again.
+        assert_eq!(kept(1_005, 50), 50);
     }
 
     #[test]

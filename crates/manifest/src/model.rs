@@ -22,6 +22,12 @@ pub struct Manifest {
     pub gateway: GatewaySettings,
     pub control: ControlSettings,
     pub telemetry: TelemetrySettings,
+    /// `[events]`: where topics are stored.
+    pub events: EventSettings,
+    /// `[topics."NAME"]`, in file order.
+    pub topics: Vec<Topic>,
+    /// `[[subscriptions]]`, in file order.
+    pub subscriptions: Vec<Subscription>,
     /// In dependency order: every service comes after all of its `depends_on`.
     pub services: Vec<Service>,
 }
@@ -94,6 +100,73 @@ pub struct TelemetrySettings {
     pub retention: Duration,
     /// `max_storage`, default 256 MiB: the oldest data goes first once the store is larger.
     pub max_storage: u64,
+    /// `stored_spans_per_second`, default 2,000: above this rate whole traces are sampled for
+    /// the durable store (errors always kept); memory and export still see every span.
+    pub stored_spans_per_second: u32,
+}
+
+/// `[events]`: the broker behind the topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSettings {
+    /// `backend`, default `embedded` (a log under `.flotilla/events/`); `nats` with `url`.
+    pub backend: EventBackend,
+    /// `fsync`, default `always` (an acknowledged event survives power loss; concurrent
+    /// publishers share each fsync); or an interval like `"100ms"`. Embedded backend only.
+    pub fsync: Fsync,
+    /// `max_event_size`, default 1 MiB: larger events are refused with 413.
+    pub max_event_size: u64,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            backend: EventBackend::Embedded,
+            fsync: Fsync::Always,
+            max_event_size: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventBackend {
+    Embedded,
+    /// NATS JetStream at this URL (`nats://127.0.0.1:4222`).
+    Nats {
+        url: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Always,
+    Interval(Duration),
+}
+
+/// `[topics."order.placed"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topic {
+    /// Lower-case letters, digits, `.`, `-` and `_`; `NAME.dlq` is its dead-letter topic.
+    pub name: String,
+    /// `partitions`, default 1: ordering is kept per partition key.
+    pub partitions: u32,
+    /// `retention`: events older than this may be deleted.
+    pub retention: Option<Duration>,
+    /// `max_bytes` per partition: the oldest events go first beyond it.
+    pub max_bytes: Option<u64>,
+}
+
+/// `[[subscriptions]]`: one consumer group per subscribing service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub topic: String,
+    pub service: Arc<str>,
+    /// `path` the events are POSTed to, structured-mode CloudEvents.
+    pub path: String,
+    /// `max_attempts`, default 8: then the event goes to `TOPIC.dlq` with the reason.
+    pub max_attempts: u32,
+    /// `backoff`, default 200ms, doubling per attempt up to `max_backoff` (default 30s).
+    pub backoff: Duration,
+    pub max_backoff: Duration,
 }
 
 /// Where telemetry is kept beyond the in-memory window.
@@ -116,6 +189,7 @@ impl Default for TelemetrySettings {
             storage: TelemetryStorage::Sqlite,
             retention: Duration::from_secs(24 * 3600),
             max_storage: 256 << 20,
+            stored_spans_per_second: 2_000,
         }
     }
 }

@@ -18,9 +18,10 @@ use toml::de::{DeTable, DeValue};
 use crate::command::split_words;
 use crate::diagnostic::{Diagnostic, Diagnostics, LineIndex};
 use crate::model::{
-    BreakerPolicy, BulkheadPolicy, ControlSettings, Fallback, GatewaySettings, HealthSettings,
-    LoadBalancer, Manifest, OutlierPolicy, Policy, RestartSettings, RetryPolicy, Route, Service,
-    TelemetrySettings, TelemetryStorage,
+    BreakerPolicy, BulkheadPolicy, ControlSettings, EventBackend, EventSettings, Fallback, Fsync,
+    GatewaySettings, HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy,
+    RestartSettings, RetryPolicy, Route, Service, Subscription, TelemetrySettings,
+    TelemetryStorage, Topic,
 };
 use crate::suggest::closest;
 
@@ -45,7 +46,29 @@ const DEFAULT_FALLBACK_CONTENT_TYPE: &str = "application/json";
 /// Any positive count.
 const AT_LEAST_ONE: RangeInclusive<u32> = 1..=u32::MAX;
 
-const TOP_KEYS: &[&str] = &["app", "gateway", "control", "telemetry", "services"];
+const TOP_KEYS: &[&str] = &[
+    "app",
+    "gateway",
+    "control",
+    "telemetry",
+    "events",
+    "topics",
+    "subscriptions",
+    "services",
+];
+const EVENTS_KEYS: &[&str] = &["backend", "url", "fsync", "max_event_size"];
+const TOPIC_KEYS: &[&str] = &["partitions", "retention", "max_bytes"];
+const SUBSCRIPTION_KEYS: &[&str] = &[
+    "topic",
+    "service",
+    "path",
+    "max_attempts",
+    "backoff",
+    "max_backoff",
+];
+const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+const DEFAULT_EVENT_BACKOFF: Duration = Duration::from_millis(200);
+const DEFAULT_EVENT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 const TELEMETRY_KEYS: &[&str] = &[
     "enabled",
     "otlp_listen",
@@ -53,6 +76,7 @@ const TELEMETRY_KEYS: &[&str] = &[
     "storage",
     "retention",
     "max_storage",
+    "stored_spans_per_second",
 ];
 const SIZE_HELP: &str = "use a number of bytes or a number with a unit, like \"512MiB\" or \"1GB\"";
 const GATEWAY_KEYS: &[&str] = &["listen", "routes"];
@@ -179,6 +203,26 @@ pub(crate) fn byte_size(text: &str) -> Result<u64, String> {
         return Err(format!("{text:?} is too large"));
     }
     Ok(bytes as u64)
+}
+
+/// Topic names go into file paths and NATS subjects: a safe alphabet, and `.dlq` is reserved.
+pub(crate) fn topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err("it must be 1 to 200 characters long".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    {
+        return Err("only lower-case letters, digits, `.`, `-` and `_` are allowed".into());
+    }
+    if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
+        return Err("dots separate words: not at the start or end, not two in a row".into());
+    }
+    if name.ends_with(".dlq") {
+        return Err("`.dlq` names the dead-letter topic Flotilla makes for each topic".into());
+    }
+    Ok(())
 }
 
 /// An OTLP/HTTP base URL: plain `http://` for now (TLS arrives with the gateway edge).
@@ -332,6 +376,21 @@ impl Checker<'_> {
         {
             self.telemetry(table, &mut telemetry);
         }
+        let events = match root
+            .get("events")
+            .and_then(|value| self.table(value, "events"))
+        {
+            Some(table) => self.events(table),
+            None => EventSettings::default(),
+        };
+        let topics = match root.get("topics") {
+            Some(value) => self.topics(value),
+            None => Vec::new(),
+        };
+        let subscriptions = match root.get("subscriptions") {
+            Some(value) => self.subscriptions(value, &topics, &services),
+            None => Vec::new(),
+        };
         let blamed = match (control_listen, gateway_listen) {
             (Listen::Invalid, _) | (_, Listen::Invalid) => None,
             (Listen::Given(span), _) | (_, Listen::Given(span)) => Some(span),
@@ -379,6 +438,9 @@ impl Checker<'_> {
             gateway,
             control,
             telemetry,
+            events,
+            topics,
+            subscriptions,
             services,
         }
     }
@@ -483,29 +545,274 @@ impl Checker<'_> {
             }
         }
         self.set_duration(table, "retention", false, &mut telemetry.retention);
-        if let Some(value) = table.get("max_storage") {
-            let parsed = match value.get_ref() {
-                DeValue::Integer(integer) => i64::from_str_radix(integer.as_str(), integer.radix())
-                    .ok()
-                    .and_then(|n| u64::try_from(n).ok())
-                    .ok_or_else(|| "expected a positive number of bytes".to_owned()),
-                DeValue::String(text) => byte_size(text),
-                _ => Err("expected a size".to_owned()),
-            };
-            match parsed {
-                Ok(0) => self.error(
-                    &value.span(),
-                    "`max_storage` must be larger than zero",
-                    Some(SIZE_HELP.into()),
-                ),
-                Ok(bytes) => telemetry.max_storage = bytes,
-                Err(reason) => self.error(
-                    &value.span(),
-                    format!("invalid `max_storage`: {reason}"),
-                    Some(SIZE_HELP.into()),
-                ),
+        self.set_size(table, "max_storage", &mut telemetry.max_storage);
+        self.set_integer(
+            table,
+            "stored_spans_per_second",
+            AT_LEAST_ONE,
+            &mut telemetry.stored_spans_per_second,
+        );
+    }
+
+    /// Overwrites `slot` when `key` is present and a size: a number of bytes or a string with a
+    /// unit (`"512MiB"`), larger than zero.
+    fn set_size(&mut self, table: &DeTable<'_>, key: &str, slot: &mut u64) -> bool {
+        let Some(value) = table.get(key) else {
+            return true;
+        };
+        let parsed = match value.get_ref() {
+            DeValue::Integer(integer) => i64::from_str_radix(integer.as_str(), integer.radix())
+                .ok()
+                .and_then(|n| u64::try_from(n).ok())
+                .ok_or_else(|| "expected a positive number of bytes".to_owned()),
+            DeValue::String(text) => byte_size(text),
+            _ => Err("expected a size".to_owned()),
+        };
+        match parsed {
+            Ok(0) => self.error(
+                &value.span(),
+                format!("`{key}` must be larger than zero"),
+                Some(SIZE_HELP.into()),
+            ),
+            Ok(bytes) => {
+                *slot = bytes;
+                return true;
+            }
+            Err(reason) => self.error(
+                &value.span(),
+                format!("invalid `{key}`: {reason}"),
+                Some(SIZE_HELP.into()),
+            ),
+        }
+        false
+    }
+
+    // ---- [events], [topics.*], [[subscriptions]] ----
+
+    fn events(&mut self, table: &DeTable<'_>) -> EventSettings {
+        let mut settings = EventSettings::default();
+        self.unknown_keys(table, EVENTS_KEYS, "in [events]");
+        let url = table.get("url").and_then(|value| {
+            self.string(value, "url")
+                .map(|u| (u.to_owned(), value.span()))
+        });
+        match table.get("backend") {
+            None => {}
+            Some(value) => match self.string(value, "backend") {
+                Some("embedded") => {}
+                Some("nats") => match &url {
+                    Some((url, _)) if url.starts_with("nats://") || url.starts_with("tls://") => {
+                        settings.backend = EventBackend::Nats { url: url.clone() };
+                    }
+                    Some((url, span)) => self.error(
+                        span,
+                        format!("invalid NATS url {url:?}"),
+                        Some("write it like \"nats://127.0.0.1:4222\"".into()),
+                    ),
+                    None => self.error(
+                        &value.span(),
+                        "the nats backend needs `url`",
+                        Some("add `url = \"nats://127.0.0.1:4222\"` to [events]".into()),
+                    ),
+                },
+                Some(other) => {
+                    let help = match closest(other, ["embedded", "nats"]) {
+                        Some(near) => format!("did you mean \"{near}\"?"),
+                        None => "use \"embedded\" (a log under .flotilla/events/) or \"nats\" with `url`".into(),
+                    };
+                    self.error(
+                        &value.span(),
+                        format!("unknown events backend {other:?}"),
+                        Some(help),
+                    );
+                }
+                None => {}
+            },
+        }
+        if let Some(value) = table.get("fsync")
+            && let Some(text) = self.string(value, "fsync")
+        {
+            if text == "always" {
+                settings.fsync = Fsync::Always;
+            } else {
+                match duration(text) {
+                    Ok(every) if !every.is_zero() => settings.fsync = Fsync::Interval(every),
+                    _ => self.error(
+                        &value.span(),
+                        format!("invalid `fsync` {text:?}"),
+                        Some("use \"always\" (every acknowledged event is on disk) or an interval like \"100ms\"".into()),
+                    ),
+                }
             }
         }
+        self.set_size(table, "max_event_size", &mut settings.max_event_size);
+        settings
+    }
+
+    fn topics(&mut self, value: &Value<'_>) -> Vec<Topic> {
+        let Some(table) = self.table(value, "topics") else {
+            return Vec::new();
+        };
+        let mut entries: Vec<_> = table.iter().collect();
+        entries.sort_by_key(|(key, _)| key.span().start);
+        let mut topics = Vec::new();
+        for (key, value) in entries {
+            let name: &str = key.get_ref();
+            if let Err(reason) = topic_name(name) {
+                self.error(
+                    &key.span(),
+                    format!("invalid topic name {name:?}: {reason}"),
+                    Some(
+                        "use lower-case letters, digits, `.`, `-` and `_`, like `order.placed`"
+                            .into(),
+                    ),
+                );
+                continue;
+            }
+            let Some(body) = self.table(value, &format!("topics.\"{name}\"")) else {
+                continue;
+            };
+            self.unknown_keys(body, TOPIC_KEYS, &format!("in [topics.\"{name}\"]"));
+            let mut topic = Topic {
+                name: name.to_owned(),
+                partitions: 1,
+                retention: None,
+                max_bytes: None,
+            };
+            self.set_integer(body, "partitions", 1..=1024, &mut topic.partitions);
+            let mut retention = Duration::ZERO;
+            if body.contains_key("retention")
+                && self.set_duration(body, "retention", false, &mut retention)
+            {
+                topic.retention = Some(retention);
+            }
+            let mut max_bytes = 0;
+            if body.contains_key("max_bytes") && self.set_size(body, "max_bytes", &mut max_bytes) {
+                topic.max_bytes = Some(max_bytes);
+            }
+            topics.push(topic);
+        }
+        topics
+    }
+
+    fn subscriptions(
+        &mut self,
+        value: &Value<'_>,
+        topics: &[Topic],
+        services: &[Service],
+    ) -> Vec<Subscription> {
+        let DeValue::Array(items) = value.get_ref() else {
+            self.wrong_type(
+                value,
+                "subscriptions",
+                "an array of tables",
+                Some("write each subscription as its own [[subscriptions]] section".into()),
+            );
+            return Vec::new();
+        };
+        let mut known: Vec<&str> = services.iter().map(|s| &*s.name).collect();
+        known.sort_unstable();
+        let topic_names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        let mut subscriptions = Vec::new();
+        for item in items.iter() {
+            let Some(table) = self.table(item, "[[subscriptions]] entry") else {
+                continue;
+            };
+            self.unknown_keys(table, SUBSCRIPTION_KEYS, "in [[subscriptions]]");
+            let missing = |checker: &mut Self, key: &str, help: String| {
+                checker.error(
+                    &item.span(),
+                    format!("missing required key `{key}` in [[subscriptions]]"),
+                    Some(help),
+                );
+            };
+            let topic = match table.get("topic") {
+                None => {
+                    missing(
+                        self,
+                        "topic",
+                        "name a topic declared as [topics.\"NAME\"]".into(),
+                    );
+                    None
+                }
+                Some(value) => self.string(value, "topic").and_then(|name| {
+                    // A dead-letter topic exists for every declared topic.
+                    let base = name.strip_suffix(".dlq").unwrap_or(name);
+                    if topic_names.contains(&base) {
+                        return Some(name.to_owned());
+                    }
+                    let help = match closest(name, topic_names.iter().copied()) {
+                        Some(near) => {
+                            format!("did you mean `{near}`? declare topics as [topics.\"NAME\"]")
+                        }
+                        None if topic_names.is_empty() => {
+                            "no topics are declared; add a [topics.\"NAME\"] section".into()
+                        }
+                        None => format!("declared topics are: {}", topic_names.join(", ")),
+                    };
+                    self.error(
+                        &value.span(),
+                        format!("unknown topic `{name}` in subscription"),
+                        Some(help),
+                    );
+                    None
+                }),
+            };
+            let service = match table.get("service") {
+                None => {
+                    missing(self, "service", known_services_help(None, &known));
+                    None
+                }
+                Some(value) => self.route_service(value, services, &known),
+            };
+            let path = match table.get("path") {
+                None => {
+                    missing(
+                        self,
+                        "path",
+                        "add the path events are POSTed to, like `path = \"/events/order-placed\"`"
+                            .into(),
+                    );
+                    None
+                }
+                Some(value) => self.absolute_path(value, "path"),
+            };
+            let mut max_attempts = DEFAULT_MAX_ATTEMPTS;
+            self.set_integer(table, "max_attempts", 1..=1000, &mut max_attempts);
+            let mut backoff = DEFAULT_EVENT_BACKOFF;
+            let mut max_backoff = DEFAULT_EVENT_MAX_BACKOFF;
+            let valid = self.set_duration(table, "backoff", false, &mut backoff)
+                & self.set_duration(table, "max_backoff", false, &mut max_backoff);
+            self.not_shorter(
+                table,
+                valid,
+                ("backoff", backoff),
+                ("max_backoff", max_backoff),
+                "the delay between attempts doubles from `backoff` up to `max_backoff`",
+            );
+            if let (Some(topic), Some(service), Some(path)) = (topic, service, path) {
+                if !seen.insert((topic.clone(), service.to_string())) {
+                    self.error(
+                        &item.span(),
+                        format!("`{service}` subscribes to `{topic}` twice"),
+                        Some(
+                            "one consumer group per service and topic: keep one of the two".into(),
+                        ),
+                    );
+                    continue;
+                }
+                subscriptions.push(Subscription {
+                    topic,
+                    service,
+                    path,
+                    max_attempts,
+                    backoff,
+                    max_backoff,
+                });
+            }
+        }
+        subscriptions
     }
 
     /// Overwrites `slot` with the table's valid `listen` address, if it has one.

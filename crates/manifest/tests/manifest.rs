@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_manifest::{
-    BreakerPolicy, BulkheadPolicy, DEFAULT_OTLP_LISTEN, Diagnostic, Diagnostics, Fallback,
-    HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy, RestartSettings, RetryPolicy,
-    TelemetrySettings, TelemetryStorage, load, parse,
+    BreakerPolicy, BulkheadPolicy, DEFAULT_OTLP_LISTEN, Diagnostic, Diagnostics, EventBackend,
+    EventSettings, Fallback, Fsync, HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy,
+    RestartSettings, RetryPolicy, Subscription, TelemetrySettings, TelemetryStorage, Topic, load,
+    parse,
 };
 
 const DURATION_HELP: &str = "use a number with a unit, like \"500ms\", \"2s\" or \"1m\"";
@@ -294,7 +295,8 @@ fn unknown_top_level_key() {
     );
     assert_eq!(
         help(&error),
-        "allowed keys at the top level are: app, gateway, control, telemetry, services"
+        "allowed keys at the top level are: app, gateway, control, telemetry, events, topics, \
+         subscriptions, services"
     );
 
     let error = single_error(
@@ -1628,5 +1630,137 @@ fn telemetry_receiver_storage_and_export() {
         3,
         15,
         "the OTLP receiver and another server both listen on 127.0.0.1:4400",
+    );
+}
+
+const EVENTFUL: &str = r#"app = "shop"
+
+[services.orders]
+run = "orders"
+
+[services.shipping]
+run = "shipping"
+
+[topics."order.placed"]
+partitions = 4
+retention = "7d"
+max_bytes = "1GiB"
+
+[topics."order.cancelled"]
+
+[[subscriptions]]
+topic = "order.placed"
+service = "shipping"
+path = "/events/order-placed"
+max_attempts = 3
+backoff = "50ms"
+"#;
+
+#[test]
+fn topics_and_subscriptions() {
+    let manifest = ok(EVENTFUL);
+    assert_eq!(manifest.events, EventSettings::default());
+    assert_eq!(
+        manifest.topics,
+        [
+            Topic {
+                name: "order.placed".into(),
+                partitions: 4,
+                retention: Some(Duration::from_secs(7 * 86_400)),
+                max_bytes: Some(1 << 30),
+            },
+            Topic {
+                name: "order.cancelled".into(),
+                partitions: 1,
+                retention: None,
+                max_bytes: None,
+            },
+        ]
+    );
+    assert_eq!(
+        manifest.subscriptions,
+        [Subscription {
+            topic: "order.placed".into(),
+            service: "shipping".into(),
+            path: "/events/order-placed".into(),
+            max_attempts: 3,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(30),
+        }]
+    );
+    let nats = ok(&format!(
+        "{EVENTFUL}\n[events]\nbackend = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nfsync = \"100ms\"\nmax_event_size = \"64KiB\"\n"
+    ));
+    assert_eq!(
+        nats.events,
+        EventSettings {
+            backend: EventBackend::Nats {
+                url: "nats://127.0.0.1:4222".into()
+            },
+            fsync: Fsync::Interval(Duration::from_millis(100)),
+            max_event_size: 64 << 10,
+        }
+    );
+}
+
+#[test]
+fn event_mistakes_are_pointed_at() {
+    let error = single_error(
+        &EVENTFUL.replace("topic = \"order.placed\"", "topic = \"order.plcaed\""),
+        17,
+        9,
+        "unknown topic `order.plcaed` in subscription",
+    );
+    assert!(
+        help(&error).starts_with("did you mean `order.placed`?"),
+        "{error}"
+    );
+    single_error(
+        &EVENTFUL.replace("service = \"shipping\"", "service = \"shiping\""),
+        18,
+        11,
+        "unknown service `shiping` in route",
+    );
+    let error = single_error(
+        &EVENTFUL.replace(
+            "[topics.\"order.cancelled\"]",
+            "[topics.\"Order Cancelled\"]",
+        ),
+        14,
+        9,
+        "invalid topic name \"Order Cancelled\": only lower-case letters, digits, `.`, `-` and `_` are allowed",
+    );
+    assert!(help(&error).contains("order.placed"));
+    single_error(
+        &EVENTFUL.replace("[topics.\"order.cancelled\"]", "[topics.\"x.dlq\"]"),
+        14,
+        9,
+        "invalid topic name \"x.dlq\": `.dlq` names the dead-letter topic Flotilla makes for each topic",
+    );
+    single_error(
+        &format!("{EVENTFUL}\n[events]\nbackend = \"nats\"\n"),
+        24,
+        11,
+        "the nats backend needs `url`",
+    );
+    single_error(
+        &format!("{EVENTFUL}\n[events]\nfsync = \"sometimes\"\n"),
+        24,
+        9,
+        "invalid `fsync` \"sometimes\"",
+    );
+    single_error(
+        &format!(
+            "{EVENTFUL}\n[[subscriptions]]\ntopic = \"order.placed\"\nservice = \"shipping\"\npath = \"/again\"\n"
+        ),
+        23,
+        1,
+        "`shipping` subscribes to `order.placed` twice",
+    );
+    single_error(
+        &EVENTFUL.replace("partitions = 4", "partitions = 0"),
+        10,
+        14,
+        "`partitions` must be between 1 and 1024, found 0",
     );
 }
