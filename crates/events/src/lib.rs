@@ -15,6 +15,7 @@
 //!   consumers with explicit acknowledgement.
 
 pub mod cloudevent;
+pub mod engine;
 pub mod log;
 pub mod nats;
 

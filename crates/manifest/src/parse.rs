@@ -1032,6 +1032,15 @@ impl Checker<'_> {
                 ),
                 Some("service names are used as DNS labels; pick a shorter name".into()),
             );
+        } else if name == "flotilla" || name == "gateway" {
+            self.error(
+                span,
+                format!("the service name `{name}` is reserved"),
+                Some(format!(
+                    "`{name}` names Flotilla's own {} in calls, spans and the map; pick another name",
+                    if name == "gateway" { "gateway" } else { "API (events, sagas)" }
+                )),
+            );
         }
     }
 

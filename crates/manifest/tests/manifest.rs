@@ -1764,3 +1764,20 @@ fn event_mistakes_are_pointed_at() {
         "`partitions` must be between 1 and 1024, found 0",
     );
 }
+
+#[test]
+fn flotillas_own_names_are_reserved() {
+    let error = single_error(
+        "app = \"a\"\n[services.flotilla]\nrun = \"x\"\n",
+        2,
+        11,
+        "the service name `flotilla` is reserved",
+    );
+    assert!(help(&error).contains("events"), "{error}");
+    single_error(
+        "app = \"a\"\n[services.gateway]\nrun = \"x\"\n",
+        2,
+        11,
+        "the service name `gateway` is reserved",
+    );
+}

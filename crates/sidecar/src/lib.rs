@@ -14,14 +14,20 @@ use std::sync::{Arc, RwLock};
 
 use flotilla_proxy::resilience::ResilienceLayer;
 use flotilla_proxy::{Caller, Edge, Error, ProxySettings, Resilience, Target};
-use flotilla_registry::Discovery;
+use flotilla_registry::{Discovery, Endpoint, Endpoints, Resolution};
 use http::{Method, Request, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// The host name reserved for Flotilla's own services to instances (events, sagas). Nothing
-/// answers it yet; it is refused with 501 so no service can take the name meanwhile.
+/// The host name under which instances reach Flotilla's own API (publishing events; sagas
+/// later): `POST http://flotilla/v1/topics/order.placed/events`. It goes through the same stack
+/// as any call (a span, the map's edge to the broker), to the control API's address, which
+/// [`WithFlotilla`] adds to the discovery.
 pub const RESERVED_HOST: &str = "flotilla";
+
+/// Set by the sidecar on every request to [`RESERVED_HOST`] (a service's own value is
+/// overwritten): the calling service, which Flotilla names as an event's default `source`.
+pub const CALLER_HEADER: &str = "x-flotilla-caller";
 
 /// Interned service names kept at most; past this, names are allocated per request rather than
 /// letting a caller that invents host names grow the table.
@@ -32,6 +38,7 @@ const MAX_INTERNED: usize = 1024;
 #[derive(Debug)]
 pub struct HostEdge {
     caller: Arc<str>,
+    reserved: Arc<str>,
     /// Host name → the `Arc<str>` every request for it shares, so the hot path does not allocate
     /// a service name per request.
     names: RwLock<HashMap<Box<str>, Arc<str>>>,
@@ -41,6 +48,7 @@ impl HostEdge {
     pub fn new(caller: Arc<str>) -> Self {
         Self {
             caller,
+            reserved: Arc::from(RESERVED_HOST),
             names: RwLock::default(),
         }
     }
@@ -97,9 +105,7 @@ impl Edge for HostEdge {
             ));
         }
         if host.eq_ignore_ascii_case(RESERVED_HOST) {
-            return Err(Error::NotYetAvailable {
-                what: "the reserved host `flotilla`",
-            });
+            return Ok(Target::service(self.reserved.clone()));
         }
         Ok(Target::service(self.service_name(host)))
     }
@@ -127,8 +133,20 @@ pub async fn serve<D: Discovery>(
 ) -> std::io::Result<()> {
     tracing::debug!(caller = &*caller.instance, addr = ?listener.local_addr().ok(), "sidecar serving");
     let edge = HostEdge::new(caller.instance.clone());
+    let caller_value = http::HeaderValue::from_str(&caller.service)
+        .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
     let layer = ResilienceLayer::new(discovery, resilience, caller);
     let stack = flotilla_proxy::stack_with_edge(layer, ProxySettings::sidecar(), edge);
+    // Only requests to Flotilla itself carry the caller: services learn nothing new about each
+    // other, and one cannot pose as another to Flotilla.
+    let stack = tower::ServiceExt::map_request(stack, move |mut request: Request<_>| {
+        if is_reserved(&request) {
+            request
+                .headers_mut()
+                .insert(CALLER_HEADER, caller_value.clone());
+        }
+        request
+    });
     flotilla_proxy::serve_connections(
         listener,
         stack,
@@ -136,6 +154,49 @@ pub async fn serve<D: Discovery>(
         flotilla_proxy::DEFAULT_DRAIN_TIMEOUT,
     )
     .await
+}
+
+fn is_reserved<B>(request: &Request<B>) -> bool {
+    let host = match request.uri().host() {
+        Some(host) => host,
+        None => match request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+        {
+            Some(host) => strip_port(host),
+            None => return false,
+        },
+    };
+    host.eq_ignore_ascii_case(RESERVED_HOST)
+}
+
+/// A discovery that also resolves [`RESERVED_HOST`] to Flotilla's own API.
+pub struct WithFlotilla<D> {
+    inner: Arc<D>,
+    flotilla: Endpoints,
+}
+
+impl<D: Discovery> WithFlotilla<D> {
+    pub fn new(inner: Arc<D>, control: std::net::SocketAddr) -> Self {
+        Self {
+            inner,
+            flotilla: Arc::from([Endpoint {
+                instance: Arc::from("flotilla"),
+                addr: control,
+            }]),
+        }
+    }
+}
+
+impl<D: Discovery> Discovery for WithFlotilla<D> {
+    fn resolve(&self, service: &str) -> Resolution {
+        if service == RESERVED_HOST {
+            Resolution::Endpoints(self.flotilla.clone())
+        } else {
+            self.inner.resolve(service)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -195,10 +256,10 @@ mod tests {
             .uri("http://flotilla/events")
             .body(())
             .expect("request");
-        assert!(matches!(
-            target(reserved),
-            Err(Error::NotYetAvailable { .. })
-        ));
+        assert_eq!(
+            target(reserved).map(|t| t.service).ok().as_deref(),
+            Some(RESERVED_HOST)
+        );
         let hostless = Request::builder().uri("/x").body(()).expect("request");
         assert!(matches!(target(hostless), Err(Error::BadRequest(_))));
     }

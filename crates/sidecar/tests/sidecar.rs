@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use flotilla_proxy::Caller;
 use flotilla_registry::{Health, Registry};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full};
@@ -129,7 +130,7 @@ async fn unknown_host_is_502_naming_it() {
 }
 
 #[tokio::test]
-async fn connect_and_reserved_host_are_refused() {
+async fn connect_is_refused() {
     let proxy = sidecar().await;
     let (status, _) = send(
         proxy,
@@ -137,15 +138,32 @@ async fn connect_and_reserved_host_are_refused() {
     )
     .await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
-    let (status, body) = send(
-        proxy,
-        proxied(Method::GET, "http://flotilla/events", "flotilla"),
-    )
-    .await;
-    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
-    let problem: serde_json::Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(
-        problem["detail"],
-        "the reserved host `flotilla` is not yet available"
-    );
+}
+
+#[tokio::test]
+async fn the_reserved_host_reaches_flotilla_naming_the_caller() {
+    // Flotilla's API stands in as an upstream that echoes what it received.
+    let flotilla = upstream().await;
+    let registry = Arc::new(Registry::new());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy = listener.local_addr().expect("addr");
+    tokio::spawn(flotilla_sidecar::serve(
+        listener,
+        Caller {
+            service: "orders".into(),
+            instance: "orders-1".into(),
+        },
+        Arc::new(flotilla_sidecar::WithFlotilla::new(registry, flotilla)),
+        Default::default(),
+        CancellationToken::new(),
+    ));
+    let mut request = proxied(Method::GET, "http://flotilla/v1/topics", "flotilla");
+    // A service cannot pose as another.
+    request
+        .headers_mut()
+        .insert("x-flotilla-caller", "payments".parse().expect("value"));
+    let (status, body) = send(proxy, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("x-flotilla-caller: orders"), "{body}");
+    assert!(!body.contains("payments"), "{body}");
 }
