@@ -10,6 +10,7 @@
 //! served by the `observe` module.
 
 pub mod api;
+pub mod events;
 mod health;
 mod observe;
 mod openapi;
@@ -84,6 +85,10 @@ pub trait Fleet: Send + Sync + 'static {
     /// Families of the fleet's own telemetry pipeline for `/metrics` (export and storage
     /// counters); nothing by default.
     fn render_pipeline_metrics(&self, _out: &mut Exposition) {}
+    /// Topics, subscriptions and the broker, when the fleet runs them.
+    fn events(&self) -> Option<Arc<flotilla_events::engine::Events>> {
+        None
+    }
 }
 
 /// Why faults could not be set or cleared.
@@ -114,6 +119,14 @@ pub fn router(fleet: Arc<dyn Fleet>) -> axum::Router {
         .route("/v1/faults", get(faults))
         .route("/v1/logs", get(logs))
         .route("/v1/logs/stream", get(log_events))
+        .route("/v1/topics", get(events::topics))
+        .route("/v1/topics/{topic}", get(events::topic))
+        .route(
+            "/v1/topics/{topic}/events",
+            post(events::publish).get(events::read),
+        )
+        .route("/v1/topics/{topic}/replay", post(events::replay))
+        .route("/v1/topics/{topic}/redrive", post(events::redrive))
         .route("/v1/traces", get(observe::traces))
         .route("/v1/traces/{id}", get(observe::trace))
         .route("/v1/health", get(observe::health))

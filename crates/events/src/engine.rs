@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -65,7 +65,7 @@ pub enum ReplayFrom {
 }
 
 /// A topic as `flotilla events` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TopicOverview {
     pub topic: String,
     pub partitions: Vec<PartitionStats>,
@@ -74,7 +74,7 @@ pub struct TopicOverview {
     pub dead_letters: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SubscriberLag {
     pub service: String,
     pub path: String,

@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use cloudevent::{Event, EventError};
 
@@ -63,7 +63,7 @@ pub fn dead_letter_topic(topic: &str) -> String {
 
 /// Where a published record landed. `offset` increases strictly within a partition; the embedded
 /// log numbers records 0, 1, 2, …; JetStream uses its stream sequence, which may leave gaps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
     pub partition: u32,
     pub offset: u64,
@@ -81,7 +81,7 @@ pub struct Record {
 }
 
 /// The position of one partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionStats {
     pub partition: u32,
     /// The oldest offset still held (retention deletes before it).
@@ -94,7 +94,7 @@ pub struct PartitionStats {
 }
 
 /// How far one consumer group is in one partition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupStats {
     pub group: String,
     pub partition: u32,
@@ -104,7 +104,7 @@ pub struct GroupStats {
     pub lag: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicStats {
     pub topic: String,
     pub partitions: Vec<PartitionStats>,

@@ -39,6 +39,70 @@ pub enum Command {
     Map(MapArgs),
     /// Run one instance's sidecar as a separate process, fed by a fleet's control API
     Sidecar(SidecarArgs),
+    /// Publish one event to a topic
+    Publish(PublishArgs),
+    /// Show topics, partitions, offsets, subscribers' lag and dead letters; tail, replay, redrive
+    Events(EventsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The topic, as declared under [topics."NAME"]
+    pub topic: String,
+    /// A CloudEvent as JSON (with `specversion`), or just its data (wrapped in an event of
+    /// `--type`)
+    pub json: String,
+    /// The event type when JSON is only the data
+    #[arg(long = "type", default_value = "flotilla.cli")]
+    pub kind: String,
+    /// The subject (and so the partition key) when JSON is only the data
+    #[arg(long)]
+    pub subject: Option<String>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(subcommand)]
+    pub command: Option<EventsCommand>,
+    /// JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print a topic's events, oldest first, then follow new ones
+    Tail {
+        topic: String,
+        /// Only this partition (all by default)
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Start this many events back from the end of each partition
+        #[arg(long, short = 'n', default_value_t = 10)]
+        last: u64,
+        /// Print what is there and stop instead of following
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// Deliver a topic to one subscriber again, from an offset or a time
+    Replay {
+        topic: String,
+        /// The subscribing service
+        #[arg(long = "to", value_name = "SERVICE")]
+        service: String,
+        /// An offset (in every partition), an RFC 3339 time, or a duration back like `10m`
+        #[arg(long, value_name = "OFFSET|TIME")]
+        from: String,
+    },
+    /// Deliver a dead-letter topic's events to the subscribers they failed at
+    Redrive {
+        /// The dead-letter topic, `TOPIC.dlq`
+        topic: String,
+    },
 }
 
 /// Where to find a running fleet's control API.

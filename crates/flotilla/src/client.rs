@@ -110,6 +110,21 @@ impl Control {
             .await
     }
 
+    /// Sends `body` with `content_type` and reads the JSON answer.
+    pub async fn post_body<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<T> {
+        let request = self
+            .http
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body);
+        self.json(path, request).await
+    }
+
     pub async fn post(&self, path: &str) -> Result<()> {
         self.send(self.http.post(self.url(path))).await?;
         Ok(())

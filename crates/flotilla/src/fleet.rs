@@ -30,6 +30,8 @@ pub struct RunningFleet {
     /// The spans and call counters every stack records, shared with them through
     /// `resilience.observer`, with the durable tier and the exporter behind them.
     pub telemetry: Telemetry,
+    /// Topics, subscriptions and their deliveries.
+    pub events: Arc<flotilla_events::engine::Events>,
     pub gateway_url: String,
     pub control_url: String,
     pub started_at: SystemTime,
@@ -170,6 +172,10 @@ impl Fleet for RunningFleet {
 
     fn render_pipeline_metrics(&self, out: &mut Exposition) {
         self.telemetry.render(out);
+    }
+
+    fn events(&self) -> Option<Arc<flotilla_events::engine::Events>> {
+        Some(self.events.clone())
     }
 
     fn dependencies(&self) -> Vec<(String, String)> {

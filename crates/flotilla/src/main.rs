@@ -5,6 +5,7 @@ mod chaos;
 mod check;
 mod cli;
 mod client;
+mod events;
 mod fleet;
 mod logs;
 mod map;
@@ -12,6 +13,7 @@ mod output;
 mod sidecar;
 mod status;
 mod telemetry;
+mod topics;
 mod traces;
 mod up;
 
@@ -46,6 +48,8 @@ fn main() -> ExitCode {
             Command::Trace(args) => traces::show(args).await,
             Command::Map(args) => map::run(args).await,
             Command::Sidecar(args) => sidecar::run(args).await,
+            Command::Publish(args) => topics::publish(args).await,
+            Command::Events(args) => topics::run(args).await,
         }
     });
     match result {

@@ -34,6 +34,25 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// A poll that takes longer than this counts as failed, so a hung control API is noticed.
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The socket address of an `http://HOST:PORT` control URL.
+async fn control_address(url: &str) -> Result<std::net::SocketAddr> {
+    let authority = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|a| !a.is_empty())
+        .with_context(|| format!("the control URL {url:?} is not http://HOST:PORT"))?;
+    let with_port = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("cannot resolve {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} resolves to no address"))
+}
+
 pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
     let control = Control::new(&args.control)?;
     let app: AppInfo = control.get("/v1/app").await?;
@@ -97,6 +116,9 @@ pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
         service: Arc::from(args.service.as_str()),
         instance: caller,
     };
+    // `http://flotilla/...` (publishing events) goes to the control API this sidecar follows.
+    let control_addr = control_address(&args.control).await?;
+    let discovery = Arc::new(flotilla_sidecar::WithFlotilla::new(discovery, control_addr));
     let served =
         flotilla_sidecar::serve(listener, caller, discovery, resilience, stop.clone()).await;
     // Also ends the helpers when the server stops on its own.

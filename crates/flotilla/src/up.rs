@@ -123,9 +123,17 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         resilience.observer = Some(Arc::new(telemetry.clone()));
     }
     announce_breakers(&resilience, &manifest, &logs);
+    let broker = crate::events::open_broker(&manifest, &state_dir).await?;
+    let events = crate::events::start(&manifest, broker, discovery.clone(), resilience.clone())
+        .await?;
+    // Instances reach Flotilla's own API (publishing events) as `http://flotilla/...`.
+    let sidecar_discovery = Arc::new(flotilla_sidecar::WithFlotilla::new(
+        discovery.clone(),
+        control_listener.local_addr()?,
+    ));
     let sidecars = start_sidecars(
         &manifest,
-        &discovery,
+        &sidecar_discovery,
         &resilience,
         otlp_url.as_deref(),
         &tasks,
@@ -147,6 +155,7 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         logs: logs.clone(),
         resilience: resilience.clone(),
         telemetry,
+        events: events.clone(),
         gateway_url: gateway_url.clone(),
         control_url: control_url.clone(),
         started_at: SystemTime::now(),
@@ -250,6 +259,9 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     fleet.set_phase(Phase::Stopping);
     output::note(&format!("stopping {}...", manifest.app));
     edge_stop.cancel();
+    // No new deliveries to services that are about to stop; one in flight finishes or is
+    // delivered again next time.
+    events.shutdown();
     supervisor.shutdown().await;
     inner_stop.cancel();
     tasks.close();
@@ -387,7 +399,7 @@ fn announce_breakers(resilience: &Resilience, manifest: &Manifest, logs: &Arc<Lo
 
 async fn start_sidecars(
     manifest: &Manifest,
-    discovery: &Arc<Registry>,
+    discovery: &Arc<flotilla_sidecar::WithFlotilla<Registry>>,
     resilience: &Resilience,
     otlp_url: Option<&str>,
     tasks: &TaskTracker,

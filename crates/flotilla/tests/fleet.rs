@@ -1656,3 +1656,234 @@ fn spans_and_lines_are_exported_to_an_otlp_collector() {
         "{metrics}"
     );
 }
+
+const EVENTFUL: &str = r#"
+app = "eventful"
+
+[[gateway.routes]]
+prefix = "/back"
+service = "back"
+
+[services.back]
+run = "python3 echo.py"
+health = { interval = "200ms" }
+
+[services.shipper]
+run = "python3 subscriber.py"
+health = { interval = "200ms" }
+
+[services.flaky]
+run = "python3 subscriber.py"
+env = { MODE = "flaky" }
+health = { interval = "200ms" }
+
+[events]
+max_event_size = "2KiB"
+
+[topics."order.placed"]
+partitions = 2
+
+[[subscriptions]]
+topic = "order.placed"
+service = "shipper"
+path = "/events/order-placed"
+
+[[subscriptions]]
+topic = "order.placed"
+service = "flaky"
+path = "/events"
+max_attempts = 2
+backoff = "50ms"
+"#;
+
+/// Logs each event it is pushed (id, type, the traceparent it came with); in `flaky` mode it
+/// refuses events whose data says `"fail": true`.
+const SUBSCRIBER: &str = r#"
+import json, os, signal, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+mode = os.environ.get("MODE", "")
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self, status, body=b"{}"):
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.answer(200)
+    def do_POST(self):
+        event = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        failing = mode == "flaky" and (event.get("data") or {}).get("fail")
+        print(f"EVENT {event['id']} {event['type']} {self.path} {self.headers.get('content-type')} "
+              f"traceparent={self.headers.get('traceparent')} {'refused' if failing else 'ok'}", flush=True)
+        self.answer(500 if failing else 200, b'{"error":"cannot take it"}' if failing else b"{}")
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+server.serve_forever()
+"#;
+
+fn lines_of(fleet: &Fleet, service: &str, grep: &str) -> Vec<String> {
+    get_json(&format!(
+        "{}/v1/logs?service={service}&grep={grep}",
+        fleet.control
+    ))
+    .and_then(|l| l.as_array().cloned())
+    .unwrap_or_default()
+    .iter()
+    .filter_map(|r| r["line"].as_str().map(str::to_owned))
+    .collect()
+}
+
+#[test]
+fn events_are_published_through_the_sidecar_and_pushed_to_every_subscriber() {
+    let app = App::new(EVENTFUL);
+    std::fs::write(app.path().join("subscriber.py"), SUBSCRIBER).expect("write subscriber.py");
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let dir = app.path_str();
+
+    // Publish as the `back` service does: through its sidecar, to the reserved host.
+    let echoed: Value = get(&format!("{}/back/who", fleet.gateway))
+        .json()
+        .expect("json");
+    let sidecar = echoed["proxy"].as_str().expect("back's sidecar").to_owned();
+    let via_sidecar = reqwest::blocking::Client::builder()
+        .proxy(reqwest::Proxy::http(&sidecar).expect("proxy"))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let publish = |body: &str, content_type: &str| {
+        via_sidecar
+            .post("http://flotilla/v1/topics/order.placed/events")
+            .header("content-type", content_type)
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+            .body(body.to_owned())
+            .send()
+            .expect("publish")
+    };
+    let answer = publish(
+        r#"{"specversion":"1.0","type":"order.placed","subject":"ord_1","data":{"total":12}}"#,
+        "application/cloudevents+json",
+    );
+    assert_eq!(answer.status(), 202);
+    let published: Value = answer.json().expect("json");
+    let id = published["id"].as_str().expect("id").to_owned();
+    assert_eq!(published["topic"], "order.placed");
+
+    // Both subscribers get it, once, as structured CloudEvents continuing the trace.
+    wait_until("both deliveries", Duration::from_secs(15), || {
+        !lines_of(&fleet, "shipper", &id).is_empty() && !lines_of(&fleet, "flaky", &id).is_empty()
+    });
+    let shipped = lines_of(&fleet, "shipper", &id);
+    assert_eq!(shipped.len(), 1, "{shipped:?}");
+    assert!(
+        shipped[0].contains("order.placed /events/order-placed application/cloudevents+json"),
+        "{shipped:?}"
+    );
+    assert!(shipped[0].contains(trace_id), "the delivery continues the trace: {shipped:?}");
+    let stored: Value = get_json(&format!(
+        "{}/v1/topics/order.placed/events?partition={}&from={}&limit=1",
+        fleet.control, published["partition"], published["offset"]
+    ))
+    .expect("stored events");
+    assert_eq!(stored[0]["event"]["source"], "/services/back", "the sidecar names the publisher");
+    assert_eq!(stored[0]["event"]["data"]["total"], 12);
+
+    // A refused event is retried, then dead-lettered with the reason; the other subscriber is
+    // not held up.
+    let answer = publish(
+        r#"{"specversion":"1.0","type":"order.placed","subject":"ord_2","data":{"fail":true}}"#,
+        "application/cloudevents+json",
+    );
+    assert_eq!(answer.status(), 202);
+    let doomed: Value = answer.json().expect("json");
+    let doomed_id = doomed["id"].as_str().expect("id").to_owned();
+    wait_until("the dead letter", Duration::from_secs(15), || {
+        get_json(&format!("{}/v1/topics/order.placed", fleet.control))
+            .is_some_and(|t| t["dead_letters"] == 1)
+    });
+    assert_eq!(lines_of(&fleet, "flaky", &doomed_id).len(), 2, "max_attempts = 2");
+    assert_eq!(lines_of(&fleet, "shipper", &doomed_id).len(), 1);
+    let dead: Value = get_json(&format!(
+        "{}/v1/topics/order.placed.dlq/events",
+        fleet.control
+    ))
+    .expect("dead letters");
+    assert_eq!(dead[0]["event"]["id"], doomed_id.as_str());
+    assert_eq!(dead[0]["event"]["deadlettersubscriber"], "flaky");
+    assert!(
+        dead[0]["event"]["deadletterreason"]
+            .as_str()
+            .is_some_and(|r| r.contains("500")),
+        "{dead:#}"
+    );
+
+    // The CLI: overview, publish, replay, redrive.
+    let listed = run(&["events", "-C", dir]);
+    let out = text(&listed.stdout);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    assert!(out.contains("order.placed") && out.contains("DEAD LETTERS"), "{out}");
+    assert!(out.contains("shipper") && out.contains("/events/order-placed"), "{out}");
+    let cli = run(&["publish", "order.placed", r#"{"total": 3}"#, "--type", "order.placed", "-C", dir]);
+    assert!(cli.status.success(), "{}", text(&cli.stderr));
+    let cli_id = text(&cli.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("published ID")
+        .to_owned();
+    wait_until("the CLI's event delivered", Duration::from_secs(15), || {
+        !lines_of(&fleet, "shipper", &cli_id).is_empty()
+    });
+    let replay = run(&["events", "replay", "order.placed", "--to", "shipper", "--from", "0", "-C", dir]);
+    assert!(replay.status.success(), "{}", text(&replay.stderr));
+    wait_until("the replay", Duration::from_secs(15), || {
+        lines_of(&fleet, "shipper", &id).len() == 2
+    });
+    assert_eq!(lines_of(&fleet, "flaky", &id).len(), 1, "only the named subscriber replays");
+    let redrive = run(&["events", "redrive", "order.placed.dlq", "-C", dir]);
+    assert!(redrive.status.success(), "{}", text(&redrive.stderr));
+    assert!(text(&redrive.stdout).contains("redrove 1 events"), "{}", text(&redrive.stdout));
+    assert_eq!(lines_of(&fleet, "flaky", &doomed_id).len(), 4, "two more attempts");
+
+    // Bad input loses nothing and stores nothing.
+    let before = get_json(&format!("{}/v1/topics/order.placed", fleet.control)).expect("topic");
+    for (body, content_type, status) in [
+        ("not json", "application/cloudevents+json", 400),
+        (r#"{"type":"t"}"#, "application/cloudevents+json", 400),
+        (r#"{"specversion":"1.0"}"#, "application/cloudevents+json", 400),
+        ("hello", "text/plain", 415),
+    ] {
+        let answer = publish(body, content_type);
+        assert_eq!(answer.status(), status, "{body}");
+        assert_eq!(
+            answer.headers()["content-type"].to_str().ok(),
+            Some("application/problem+json")
+        );
+    }
+    let big = format!(
+        r#"{{"specversion":"1.0","type":"t","data":"{}"}}"#,
+        "x".repeat(4096)
+    );
+    assert_eq!(publish(&big, "application/cloudevents+json").status(), 413);
+    let unknown = via_sidecar
+        .post("http://flotilla/v1/topics/nope/events")
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","type":"t"}"#)
+        .send()
+        .expect("publish");
+    assert_eq!(unknown.status(), 404);
+    let after = get_json(&format!("{}/v1/topics/order.placed", fleet.control)).expect("topic");
+    assert_eq!(before["partitions"], after["partitions"], "nothing was stored");
+
+    // Deliveries are calls like any other: on the map as flotilla → subscriber.
+    let map = get_json(&format!("{}/v1/map", fleet.control)).expect("map");
+    let edges = map["edges"].to_string();
+    assert!(edges.contains("\"flotilla\""), "{edges}");
+}

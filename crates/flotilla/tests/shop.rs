@@ -250,6 +250,41 @@ fn one_trace_through_every_service(fleet: &Fleet, api: &str, sku: &str) {
                 .all(|service| lines.iter().any(|l| l["service"] == *service))
         },
     );
+
+    // Orders announced the confirmation; the broker pushed it to notifications in the same
+    // trace, so the customer's notification is one of the order's lines too.
+    wait_until(
+        "the confirmation notified in the order's trace",
+        Duration::from_secs(15),
+        || {
+            let lines: Vec<Value> = get(&format!(
+                "{}/v1/logs?service=notifications&trace={trace_id}",
+                fleet.control
+            ))
+            .json()
+            .expect("log lines");
+            lines.iter().any(|l| {
+                l["line"]
+                    .as_str()
+                    .is_some_and(|l| l.contains("tracy: order") && l.contains("confirmed"))
+            })
+        },
+    );
+    let trace: Value = get(&format!("{}/v1/traces/{trace_id}", fleet.control))
+        .json()
+        .expect("the trace");
+    let spans = trace["spans"].as_array().expect("spans");
+    for (service, kind, peer) in [
+        ("orders", "client", "flotilla"),
+        ("flotilla", "client", "notifications"),
+    ] {
+        assert!(
+            spans.iter().any(|s| s["service"] == service
+                && s["kind"] == kind
+                && s["http"]["peer_service"] == peer),
+            "{service} → {peer} in the order's trace: {spans:#?}"
+        );
+    }
 }
 
 fn slowest_of(times: usize, mut call: impl FnMut()) -> Duration {

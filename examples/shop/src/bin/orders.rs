@@ -85,6 +85,8 @@ struct Deps {
     inventory: Dependency,
     payments: Dependency,
     shipping: Dependency,
+    /// Flotilla's own API, for publishing the order's events.
+    flotilla: Dependency,
 }
 
 impl Deps {
@@ -97,6 +99,7 @@ impl Deps {
             inventory: Dependency::from_env("inventory", "INVENTORY_URL", timeout)?,
             payments: Dependency::from_env("payments", "PAYMENTS_URL", timeout)?,
             shipping: Dependency::from_env("shipping", "SHIPPING_URL", timeout)?,
+            flotilla: Dependency::from_env("flotilla", "FLOTILLA_URL", timeout)?,
         })
     }
 }
@@ -234,15 +237,54 @@ struct Created {
 /// failure.
 async fn take(app: &App, order: Order, trace: &HeaderMap) -> Result<Order, Problem> {
     let id = order.id.clone();
+    publish(&app.deps, "order.placed", &id, order_data(&order), trace).await;
+    let total_cents = order.total_cents;
     let mut done = Vec::new();
     let outcome = steps(app, order, trace, &mut done).await;
-    if let Err(problem) = &outcome {
-        if !done.is_empty() {
-            eprintln!("order {id} failed ({problem}); undoing what was done");
+    match &outcome {
+        Ok(order) => {
+            publish(&app.deps, "order.confirmed", &id, order_data(order), trace).await;
         }
-        undo(&app.deps, &id, done, trace).await;
+        Err(problem) => {
+            if !done.is_empty() {
+                eprintln!("order {id} failed ({problem}); undoing what was done");
+            }
+            undo(&app.deps, &id, done, trace).await;
+            let data = json!({ "order": id, "total": from_cents(total_cents), "reason": problem.to_string() });
+            publish(&app.deps, "order.cancelled", &id, data, trace).await;
+        }
     }
     outcome
+}
+
+fn order_data(order: &Order) -> serde_json::Value {
+    json!({
+        "order": order.id,
+        "customer": order.customer,
+        "total": from_cents(order.total_cents),
+        "items": order.items.iter().map(|i| json!({ "sku": i.sku, "qty": i.qty })).collect::<Vec<_>>(),
+    })
+}
+
+/// Announces what happened to an order as a CloudEvent, through the sidecar; subject and
+/// partition key are the order id, so one order's events stay in order. The order's answer does
+/// not wait on the announcement's fate: a failure is logged (an outbox table would make it
+/// exactly-once with the order's own write; the saga issue brings that).
+async fn publish(deps: &Deps, topic: &str, order_id: &str, data: serde_json::Value, trace: &HeaderMap) {
+    let event = json!({
+        "specversion": "1.0",
+        "type": topic,
+        "subject": order_id,
+        "datacontenttype": "application/json",
+        "data": data,
+    });
+    let published: Result<IgnoredAny, CallError> = deps
+        .flotilla
+        .post_json(&["v1", "topics", topic, "events"], &event, trace)
+        .await;
+    if let Err(err) = published {
+        eprintln!("order {order_id}: could not publish {topic}: {err}");
+    }
 }
 
 async fn steps(
