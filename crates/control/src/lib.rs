@@ -991,6 +991,12 @@ pub(crate) mod tests {
             "/v1/health",
             "/v1/map",
             "/metrics",
+            "/v1/logs/stream",
+            "/v1/topics",
+            "/v1/topics/{topic}",
+            "/v1/topics/{topic}/events",
+            "/v1/topics/{topic}/replay",
+            "/v1/topics/{topic}/redrive",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} undocumented");
         }

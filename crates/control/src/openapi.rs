@@ -124,6 +124,77 @@ pub(crate) const DOCUMENT: &str = r##"{
         }
       }
     },
+    "/v1/topics": {
+      "get": {
+        "summary": "Every declared topic: partitions with offsets, each subscriber's lag, dead letters",
+        "responses": {
+          "200": { "description": "Topics", "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/Topic" } } } } },
+          "503": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
+    "/v1/topics/{topic}": {
+      "get": {
+        "summary": "One topic",
+        "parameters": [ { "name": "topic", "in": "path", "required": true, "schema": { "type": "string" } } ],
+        "responses": {
+          "200": { "description": "The topic", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Topic" } } } },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
+    "/v1/topics/{topic}/events": {
+      "post": {
+        "summary": "Publish one CloudEvent 1.0; answered once it is durable",
+        "description": "Structured mode (application/cloudevents+json, or application/json holding one event) or binary mode (ce-* headers, the body is data). Missing id, source, time and traceparent are filled in.",
+        "parameters": [ { "name": "topic", "in": "path", "required": true, "schema": { "type": "string" } } ],
+        "requestBody": { "required": true, "content": { "application/cloudevents+json": { "schema": { "type": "object", "required": ["specversion", "type"] } } } },
+        "responses": {
+          "202": { "description": "Stored", "content": { "application/json": { "schema": { "type": "object", "properties": { "id": { "type": "string" }, "topic": { "type": "string" }, "partition": { "type": "integer" }, "offset": { "type": "integer" } } } } } },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" },
+          "413": { "$ref": "#/components/responses/Problem" },
+          "415": { "$ref": "#/components/responses/Problem" },
+          "507": { "$ref": "#/components/responses/Problem" }
+        }
+      },
+      "get": {
+        "summary": "Stored events of one partition from an offset, oldest first",
+        "parameters": [
+          { "name": "topic", "in": "path", "required": true, "schema": { "type": "string" } },
+          { "name": "partition", "in": "query", "schema": { "type": "integer", "minimum": 0, "default": 0 } },
+          { "name": "from", "in": "query", "schema": { "type": "integer", "minimum": 0, "default": 0 } },
+          { "name": "limit", "in": "query", "description": "At most N (default 100, at most 1000)", "schema": { "type": "integer", "minimum": 0 } }
+        ],
+        "responses": {
+          "200": { "description": "Events", "content": { "application/json": { "schema": { "type": "array", "items": { "type": "object", "properties": { "partition": { "type": "integer" }, "offset": { "type": "integer" }, "time": { "type": "string", "format": "date-time" }, "event": { "type": "object" } } } } } } },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
+    "/v1/topics/{topic}/replay": {
+      "post": {
+        "summary": "Deliver a topic to one subscriber again from an offset or a time",
+        "parameters": [ { "name": "topic", "in": "path", "required": true, "schema": { "type": "string" } } ],
+        "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "required": ["service"], "properties": { "service": { "type": "string" }, "from_offset": { "type": "integer" }, "from_time": { "type": "string" } } } } } },
+        "responses": {
+          "202": { "description": "The positions each partition restarts from" },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
+    "/v1/topics/{topic}/redrive": {
+      "post": {
+        "summary": "Deliver a dead-letter topic's events again to the subscribers they failed at",
+        "parameters": [ { "name": "topic", "in": "path", "required": true, "description": "TOPIC.dlq", "schema": { "type": "string" } } ],
+        "responses": {
+          "200": { "description": "How many were redriven", "content": { "application/json": { "schema": { "type": "object", "properties": { "topic": { "type": "string" }, "redriven": { "type": "integer" } } } } } },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
     "/v1/traces": {
       "get": {
         "summary": "Recent traces: one per request through the gateway (or call between services), newest first",
@@ -186,6 +257,15 @@ pub(crate) const DOCUMENT: &str = r##"{
       "Problem": { "description": "An error", "content": { "application/problem+json": { "schema": { "$ref": "#/components/schemas/Problem" } } } }
     },
     "schemas": {
+      "Topic": {
+        "type": "object",
+        "properties": {
+          "topic": { "type": "string" },
+          "partitions": { "type": "array", "items": { "type": "object", "properties": { "partition": { "type": "integer" }, "start_offset": { "type": "integer" }, "end_offset": { "type": "integer" }, "records": { "type": "integer" }, "bytes": { "type": "integer" } } } },
+          "subscribers": { "type": "array", "items": { "type": "object", "properties": { "service": { "type": "string" }, "path": { "type": "string" }, "lag": { "type": "integer" }, "delivered": { "type": "integer" }, "dead_lettered": { "type": "integer" } } } },
+          "dead_letters": { "type": "integer" }
+        }
+      },
       "Problem": {
         "type": "object",
         "properties": { "type": { "type": "string" }, "title": { "type": "string" }, "status": { "type": "integer" }, "detail": { "type": "string" } }
