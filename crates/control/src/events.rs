@@ -125,8 +125,12 @@ pub(crate) async fn publish(
             StatusCode::PAYLOAD_TOO_LARGE,
             "event too large",
             match size {
-                Some(size) => format!("the event is {size} bytes; the limit is {limit} (`[events] max_event_size`)"),
-                None => format!("the event is over the limit of {limit} bytes (`[events] max_event_size`)"),
+                Some(size) => format!(
+                    "the event is {size} bytes; the limit is {limit} (`[events] max_event_size`)"
+                ),
+                None => format!(
+                    "the event is over the limit of {limit} bytes (`[events] max_event_size`)"
+                ),
             },
         )
     };
@@ -149,7 +153,13 @@ pub(crate) async fn publish(
     };
     let content_type = text(header::CONTENT_TYPE.as_str());
     let media_type = content_type
-        .map(|t| t.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     let binary = headers.contains_key("ce-specversion");
     let parsed = if media_type == "application/cloudevents-batch+json" {
@@ -315,7 +325,9 @@ pub(crate) async fn replay(
     }
     let from = match (request.from_offset, request.from_time.as_deref()) {
         (Some(offset), None) => ReplayFrom::Offset(offset),
-        (None, Some(time)) => ReplayFrom::Time(crate::since_param(Some(time))?.unwrap_or(SystemTime::UNIX_EPOCH)),
+        (None, Some(time)) => {
+            ReplayFrom::Time(crate::since_param(Some(time))?.unwrap_or(SystemTime::UNIX_EPOCH))
+        }
         _ => {
             return Err(Problem::new(
                 StatusCode::BAD_REQUEST,

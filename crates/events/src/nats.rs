@@ -808,6 +808,24 @@ impl JetStreamConsumer {
     }
 }
 
+/// A consumer dropped with a record out (the delivery task restarting, a replay) hands it back
+/// at once, so the group's next consumer gets it without waiting out the acknowledgement wait.
+/// After a crash nothing runs here, and JetStream redelivers after `ack_wait` instead.
+impl Drop for JetStreamConsumer {
+    fn drop(&mut self) {
+        let Some(message) = self.current.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+                    tracing::debug!("handing back an unsettled record failed: {err}");
+                }
+            });
+        }
+    }
+}
+
 impl Consumer for JetStreamConsumer {
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BrokerError>> {
         Box::pin(self.next_delivery())

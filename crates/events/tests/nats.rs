@@ -780,16 +780,15 @@ async fn a_thousand_concurrent_publishes_are_all_acked_and_readable() {
     .await;
 }
 
-// ---- The shared, backend-agnostic suite ----
-// crates/events/tests/suite/mod.rs (written on another branch) is wired in here at the merge:
-//
-// mod suite;
-//
-// #[tokio::test(flavor = "multi_thread")]
-// async fn shared_suite() {
-//     with_broker(|broker| async move {
-//         let prefix = format!("suite{:08x}", fastrand::u32(..));
-//         suite::run_all(broker, &prefix).await;
-//     })
-//     .await;
-// }
+// ---- The shared, backend-agnostic suite: the same properties as the embedded log ----
+
+mod suite;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_suite() {
+    with_broker(|broker| async move {
+        let prefix = format!("suite{:08x}", fastrand::u32(..));
+        suite::run_all(broker, &prefix).await;
+    })
+    .await;
+}

@@ -109,10 +109,16 @@ pub enum EventsCommand {
 #[derive(Debug, Args, Clone)]
 pub struct Target {
     /// The app directory whose fleet to talk to
-    #[arg(long = "dir", short = 'C', default_value = ".", value_name = "DIR")]
+    #[arg(
+        long = "dir",
+        short = 'C',
+        default_value = ".",
+        value_name = "DIR",
+        global = true
+    )]
     pub dir: PathBuf,
     /// The control API's URL, instead of looking it up in DIR
-    #[arg(long, env = "FLOTILLA_CONTROL", value_name = "URL")]
+    #[arg(long, env = "FLOTILLA_CONTROL", value_name = "URL", global = true)]
     pub control: Option<String>,
 }
 

@@ -127,7 +127,10 @@ impl Pusher for ProxyPusher {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let mut request = Request::post(path)
-                .header(header::CONTENT_TYPE, flotilla_events::cloudevent::STRUCTURED)
+                .header(
+                    header::CONTENT_TYPE,
+                    flotilla_events::cloudevent::STRUCTURED,
+                )
                 .body(Full::new(event))
                 .map_err(|e| format!("cannot build the request: {e}"))?;
             if let Some(traceparent) = traceparent.and_then(|t| t.parse().ok()) {

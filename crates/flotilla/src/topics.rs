@@ -86,7 +86,10 @@ pub async fn run(args: EventsArgs) -> Result<ExitCode> {
         }
         Some(EventsCommand::Redrive { topic }) => {
             if !topic.ends_with(".dlq") {
-                bail!("redrive a dead-letter topic: `{}`", dead_letter_topic(&topic));
+                bail!(
+                    "redrive a dead-letter topic: `{}`",
+                    dead_letter_topic(&topic)
+                );
             }
             let done: Redriven = control
                 .post_body(
@@ -128,14 +131,25 @@ async fn overview(control: &Control, json: bool) -> Result<ExitCode> {
             topic.topic.clone(),
             topic.partitions.len().to_string(),
             ends.join(","),
-            topic.partitions.iter().map(|p| p.records).sum::<u64>().to_string(),
+            topic
+                .partitions
+                .iter()
+                .map(|p| p.records)
+                .sum::<u64>()
+                .to_string(),
             dead,
         ]);
     }
     print!(
         "{}",
         output::table(
-            &["TOPIC", "PARTITIONS", "END OFFSETS", "EVENTS", "DEAD LETTERS"],
+            &[
+                "TOPIC",
+                "PARTITIONS",
+                "END OFFSETS",
+                "EVENTS",
+                "DEAD LETTERS"
+            ],
             &rows
         )
     );
@@ -157,7 +171,14 @@ async fn overview(control: &Control, json: bool) -> Result<ExitCode> {
         print!(
             "{}",
             output::table(
-                &["TOPIC", "SUBSCRIBER", "PATH", "LAG", "DELIVERED", "DEAD-LETTERED"],
+                &[
+                    "TOPIC",
+                    "SUBSCRIBER",
+                    "PATH",
+                    "LAG",
+                    "DELIVERED",
+                    "DEAD-LETTERED"
+                ],
                 &subscribers
             )
         );
@@ -189,7 +210,10 @@ async fn tail(
         })
         .collect();
     if next.is_empty() {
-        bail!("topic `{topic}` has no partition {}", partition.unwrap_or(0));
+        bail!(
+            "topic `{topic}` has no partition {}",
+            partition.unwrap_or(0)
+        );
     }
     let stdout = std::io::stdout();
     loop {
@@ -214,7 +238,11 @@ async fn tail(
                         stored.partition,
                         stored.offset,
                         stored.event["type"].as_str().unwrap_or("?"),
-                        stored.event.get("data").map(Value::to_string).unwrap_or_default()
+                        stored
+                            .event
+                            .get("data")
+                            .map(Value::to_string)
+                            .unwrap_or_default()
                     )
                 };
                 if let Err(e) = writeln!(out, "{line}")

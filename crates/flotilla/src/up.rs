@@ -124,8 +124,8 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     }
     announce_breakers(&resilience, &manifest, &logs);
     let broker = crate::events::open_broker(&manifest, &state_dir).await?;
-    let events = crate::events::start(&manifest, broker, discovery.clone(), resilience.clone())
-        .await?;
+    let events =
+        crate::events::start(&manifest, broker, discovery.clone(), resilience.clone()).await?;
     // Instances reach Flotilla's own API (publishing events) as `http://flotilla/...`.
     let sidecar_discovery = Arc::new(flotilla_sidecar::WithFlotilla::new(
         discovery.clone(),

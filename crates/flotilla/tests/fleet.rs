@@ -1787,13 +1787,19 @@ fn events_are_published_through_the_sidecar_and_pushed_to_every_subscriber() {
         shipped[0].contains("order.placed /events/order-placed application/cloudevents+json"),
         "{shipped:?}"
     );
-    assert!(shipped[0].contains(trace_id), "the delivery continues the trace: {shipped:?}");
+    assert!(
+        shipped[0].contains(trace_id),
+        "the delivery continues the trace: {shipped:?}"
+    );
     let stored: Value = get_json(&format!(
         "{}/v1/topics/order.placed/events?partition={}&from={}&limit=1",
         fleet.control, published["partition"], published["offset"]
     ))
     .expect("stored events");
-    assert_eq!(stored[0]["event"]["source"], "/services/back", "the sidecar names the publisher");
+    assert_eq!(
+        stored[0]["event"]["source"], "/services/back",
+        "the sidecar names the publisher"
+    );
     assert_eq!(stored[0]["event"]["data"]["total"], 12);
 
     // A refused event is retried, then dead-lettered with the reason; the other subscriber is
@@ -1809,7 +1815,11 @@ fn events_are_published_through_the_sidecar_and_pushed_to_every_subscriber() {
         get_json(&format!("{}/v1/topics/order.placed", fleet.control))
             .is_some_and(|t| t["dead_letters"] == 1)
     });
-    assert_eq!(lines_of(&fleet, "flaky", &doomed_id).len(), 2, "max_attempts = 2");
+    assert_eq!(
+        lines_of(&fleet, "flaky", &doomed_id).len(),
+        2,
+        "max_attempts = 2"
+    );
     assert_eq!(lines_of(&fleet, "shipper", &doomed_id).len(), 1);
     let dead: Value = get_json(&format!(
         "{}/v1/topics/order.placed.dlq/events",
@@ -1829,9 +1839,23 @@ fn events_are_published_through_the_sidecar_and_pushed_to_every_subscriber() {
     let listed = run(&["events", "-C", dir]);
     let out = text(&listed.stdout);
     assert!(listed.status.success(), "{}", text(&listed.stderr));
-    assert!(out.contains("order.placed") && out.contains("DEAD LETTERS"), "{out}");
-    assert!(out.contains("shipper") && out.contains("/events/order-placed"), "{out}");
-    let cli = run(&["publish", "order.placed", r#"{"total": 3}"#, "--type", "order.placed", "-C", dir]);
+    assert!(
+        out.contains("order.placed") && out.contains("DEAD LETTERS"),
+        "{out}"
+    );
+    assert!(
+        out.contains("shipper") && out.contains("/events/order-placed"),
+        "{out}"
+    );
+    let cli = run(&[
+        "publish",
+        "order.placed",
+        r#"{"total": 3}"#,
+        "--type",
+        "order.placed",
+        "-C",
+        dir,
+    ]);
     assert!(cli.status.success(), "{}", text(&cli.stderr));
     let cli_id = text(&cli.stdout)
         .split_whitespace()
@@ -1841,23 +1865,49 @@ fn events_are_published_through_the_sidecar_and_pushed_to_every_subscriber() {
     wait_until("the CLI's event delivered", Duration::from_secs(15), || {
         !lines_of(&fleet, "shipper", &cli_id).is_empty()
     });
-    let replay = run(&["events", "replay", "order.placed", "--to", "shipper", "--from", "0", "-C", dir]);
+    let replay = run(&[
+        "events",
+        "replay",
+        "order.placed",
+        "--to",
+        "shipper",
+        "--from",
+        "0",
+        "-C",
+        dir,
+    ]);
     assert!(replay.status.success(), "{}", text(&replay.stderr));
     wait_until("the replay", Duration::from_secs(15), || {
         lines_of(&fleet, "shipper", &id).len() == 2
     });
-    assert_eq!(lines_of(&fleet, "flaky", &id).len(), 1, "only the named subscriber replays");
+    assert_eq!(
+        lines_of(&fleet, "flaky", &id).len(),
+        1,
+        "only the named subscriber replays"
+    );
     let redrive = run(&["events", "redrive", "order.placed.dlq", "-C", dir]);
     assert!(redrive.status.success(), "{}", text(&redrive.stderr));
-    assert!(text(&redrive.stdout).contains("redrove 1 events"), "{}", text(&redrive.stdout));
-    assert_eq!(lines_of(&fleet, "flaky", &doomed_id).len(), 4, "two more attempts");
+    assert!(
+        text(&redrive.stdout).contains("redrove 1 events"),
+        "{}",
+        text(&redrive.stdout)
+    );
+    assert_eq!(
+        lines_of(&fleet, "flaky", &doomed_id).len(),
+        4,
+        "two more attempts"
+    );
 
     // Bad input loses nothing and stores nothing.
     let before = get_json(&format!("{}/v1/topics/order.placed", fleet.control)).expect("topic");
     for (body, content_type, status) in [
         ("not json", "application/cloudevents+json", 400),
         (r#"{"type":"t"}"#, "application/cloudevents+json", 400),
-        (r#"{"specversion":"1.0"}"#, "application/cloudevents+json", 400),
+        (
+            r#"{"specversion":"1.0"}"#,
+            "application/cloudevents+json",
+            400,
+        ),
         ("hello", "text/plain", 415),
     ] {
         let answer = publish(body, content_type);
@@ -1880,7 +1930,10 @@ fn events_are_published_through_the_sidecar_and_pushed_to_every_subscriber() {
         .expect("publish");
     assert_eq!(unknown.status(), 404);
     let after = get_json(&format!("{}/v1/topics/order.placed", fleet.control)).expect("topic");
-    assert_eq!(before["partitions"], after["partitions"], "nothing was stored");
+    assert_eq!(
+        before["partitions"], after["partitions"],
+        "nothing was stored"
+    );
 
     // Deliveries are calls like any other: on the map as flotilla → subscriber.
     let map = get_json(&format!("{}/v1/map", fleet.control)).expect("map");

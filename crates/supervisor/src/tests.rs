@@ -115,6 +115,9 @@ fn fleet(services: Vec<Service>, extra_env: Arc<dyn InstanceEnv>) -> Fleet {
             listen: ([127, 0, 0, 1], 0).into(),
         },
         telemetry: Default::default(),
+        events: Default::default(),
+        topics: Vec::new(),
+        subscriptions: Vec::new(),
         services,
     };
     let registry = Registry::new();

@@ -270,7 +270,13 @@ fn order_data(order: &Order) -> serde_json::Value {
 /// partition key are the order id, so one order's events stay in order. The order's answer does
 /// not wait on the announcement's fate: a failure is logged (an outbox table would make it
 /// exactly-once with the order's own write; the saga issue brings that).
-async fn publish(deps: &Deps, topic: &str, order_id: &str, data: serde_json::Value, trace: &HeaderMap) {
+async fn publish(
+    deps: &Deps,
+    topic: &str,
+    order_id: &str,
+    data: serde_json::Value,
+    trace: &HeaderMap,
+) {
     let event = json!({
         "specversion": "1.0",
         "type": topic,
