@@ -485,7 +485,15 @@ async fn goes_through_the_sidecar_and_forwards_trace_headers() {
     assert_eq!(order["total"], json!(0.3));
     let id = &order["id"];
 
-    let requests = log.requests();
+    let (published, requests) = announcements(log.requests());
+    assert_eq!(
+        published,
+        [
+            ("order.placed".to_owned(), id.clone()),
+            ("order.confirmed".to_owned(), id.clone())
+        ],
+        "announced through the sidecar, keyed by the order"
+    );
     let calls: Vec<_> = requests
         .iter()
         .map(|seen| (seen.method.as_str(), seen.target.as_str(), &seen.body))
@@ -554,7 +562,9 @@ async fn undoes_done_steps_in_reverse_forwarding_trace_headers() {
         "shipping unavailable: upstream `shipping` did not answer within 1s"
     );
 
-    let requests = log.requests();
+    let (published, requests) = announcements(log.requests());
+    let topics: Vec<&str> = published.iter().map(|(topic, _)| topic.as_str()).collect();
+    assert_eq!(topics, ["order.placed", "order.cancelled"]);
     let calls: Vec<_> = requests
         .iter()
         .map(|seen| format!("{} {}", seen.method, seen.target))
@@ -721,8 +731,36 @@ fn healthy(method: &Method, path: &str) -> Answer {
         ("DELETE", "/reservations/res_fake")
         | ("POST", "/payments/pay_fake/refund")
         | ("DELETE", "/shipments/shp_fake") => Answer::Json(StatusCode::OK, json!({})),
+        // Flotilla's own API behind the sidecar: publishing an event.
+        ("POST", path) if path.starts_with("/v1/topics/") => Answer::Json(
+            StatusCode::ACCEPTED,
+            json!({ "id": "evt_fake", "partition": 0, "offset": 0 }),
+        ),
         _ => Answer::Problem(StatusCode::NOT_FOUND, "no such thing"),
     }
+}
+
+/// Splits what a fake sidecar saw into the events published through it (topic and subject, each
+/// checked to be a CloudEvent 1.0 of its topic's type) and the calls to other services.
+fn announcements(requests: Vec<Seen>) -> (Vec<(String, Value)>, Vec<Seen>) {
+    let (events, calls): (Vec<Seen>, Vec<Seen>) = requests
+        .into_iter()
+        .partition(|seen| seen.target.starts_with("http://flotilla/"));
+    let published = events
+        .iter()
+        .map(|seen| {
+            let topic = seen
+                .target
+                .strip_prefix("http://flotilla/v1/topics/")
+                .and_then(|rest| rest.strip_suffix("/events"))
+                .unwrap_or_else(|| panic!("a publish, not {}", seen.target));
+            assert_eq!(seen.method, Method::POST);
+            assert_eq!(seen.body["specversion"], "1.0");
+            assert_eq!(seen.body["type"], topic);
+            (topic.to_owned(), seen.body["subject"].clone())
+        })
+        .collect();
+    (published, calls)
 }
 
 /// One request a fake received.
