@@ -110,6 +110,9 @@ pub struct Events {
     /// Bumped per (topic, service) to make its tasks subscribe again (after a replay's seek).
     generations: BTreeMap<(String, String), watch::Sender<u64>>,
     counters: Mutex<BTreeMap<(String, String), Counters>>,
+    /// The latest [`Events::overview`], refreshed every few seconds, for `/metrics` (which is
+    /// rendered synchronously and must not wait on the broker).
+    snapshot: Mutex<Vec<TopicOverview>>,
     stop: watch::Sender<bool>,
 }
 
@@ -138,8 +141,10 @@ impl Events {
             max_event_size,
             generations,
             counters: Mutex::default(),
+            snapshot: Mutex::default(),
             stop: watch::channel(false).0,
         });
+        tokio::spawn(refresh_snapshot(Arc::downgrade(&events)));
         for subscriber in &events.subscribers {
             let Some(partitions) = events.partitions(&subscriber.topic) else {
                 continue;
@@ -154,6 +159,14 @@ impl Events {
     /// Stops the delivery tasks (each finishes the push it is in).
     pub fn shutdown(&self) {
         self.stop.send_replace(true);
+    }
+
+    /// Topics, lag and dead letters as of a few seconds ago.
+    pub fn snapshot(&self) -> Vec<TopicOverview> {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn max_event_size(&self) -> usize {
@@ -387,6 +400,25 @@ impl Events {
             "event dead-lettered: {reason}"
         );
         Ok(())
+    }
+}
+
+/// How stale `/metrics`' event figures may be.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(2);
+
+async fn refresh_snapshot(events: std::sync::Weak<Events>) {
+    loop {
+        let Some(strong) = events.upgrade() else {
+            return;
+        };
+        if *strong.stop.borrow() {
+            return;
+        }
+        if let Ok(overview) = strong.overview().await {
+            *strong.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = overview;
+        }
+        drop(strong);
+        tokio::time::sleep(SNAPSHOT_EVERY).await;
     }
 }
 

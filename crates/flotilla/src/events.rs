@@ -40,11 +40,24 @@ pub async fn open_broker(manifest: &Manifest, state_dir: &Path) -> Result<Arc<dy
                     .with_context(|| format!("cannot open the event log in {}", dir.display()))?,
             )
         }
-        EventBackend::Nats { url } => Arc::new(
-            JetStream::connect(url, "FLOTILLA")
-                .await
-                .with_context(|| format!("cannot reach NATS JetStream at {url}"))?,
-        ),
+        EventBackend::Nats { url } => {
+            // One app's topics are its own, even when several apps share a NATS server.
+            let prefix: String = format!("FLOTILLA_{}", manifest.app)
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            Arc::new(
+                JetStream::connect(url, &prefix)
+                    .await
+                    .with_context(|| format!("cannot reach NATS JetStream at {url}"))?,
+            )
+        }
     })
 }
 

@@ -1821,6 +1821,17 @@ fn events_are_published_through_the_sidecar_and_pushed_to_every_subscriber() {
         "max_attempts = 2"
     );
     assert_eq!(lines_of(&fleet, "shipper", &doomed_id).len(), 1);
+    wait_until("event figures in /metrics", Duration::from_secs(10), || {
+        let metrics = get(&format!("{}/metrics", fleet.control))
+            .text()
+            .unwrap_or_default();
+        metrics.contains("flotilla_event_dead_letters{topic=\"order.placed\"} 1")
+            && metrics.contains(
+                "flotilla_events_dead_lettered_total{topic=\"order.placed\",subscriber=\"flaky\"} 1",
+            )
+            && metrics
+                .contains("flotilla_event_lag{topic=\"order.placed\",subscriber=\"shipper\"} 0")
+    });
     let dead: Value = get_json(&format!(
         "{}/v1/topics/order.placed.dlq/events",
         fleet.control
@@ -1939,4 +1950,53 @@ fn events_are_published_through_the_sidecar_and_pushed_to_every_subscriber() {
     let map = get_json(&format!("{}/v1/map", fleet.control)).expect("map");
     let edges = map["edges"].to_string();
     assert!(edges.contains("\"flotilla\""), "{edges}");
+}
+
+#[test]
+fn events_flow_through_nats_jetstream_too() {
+    let Ok(url) = std::env::var("FLOTILLA_TEST_NATS_URL") else {
+        eprintln!(
+            "SKIPPED events_flow_through_nats_jetstream_too: FLOTILLA_TEST_NATS_URL is not set"
+        );
+        return;
+    };
+    let app_name = format!("natsy{:08x}", std::process::id());
+    let manifest = EVENTFUL
+        .replace("app = \"eventful\"", &format!("app = \"{app_name}\""))
+        .replace(
+            "[events]\n",
+            &format!("[events]\nbackend = \"nats\"\nurl = \"{url}\"\n"),
+        );
+    let app = App::new(&manifest);
+    std::fs::write(app.path().join("subscriber.py"), SUBSCRIBER).expect("write subscriber.py");
+    let fleet = Fleet::start(app.path(), &[]);
+    fleet.wait_phase("ready", Duration::from_secs(60));
+    let dir = app.path_str();
+    let published = run(&[
+        "publish",
+        "order.placed",
+        r#"{"fail": true}"#,
+        "--type",
+        "order.placed",
+        "--subject",
+        "ord_9",
+        "-C",
+        dir,
+    ]);
+    assert!(published.status.success(), "{}", text(&published.stderr));
+    let id = text(&published.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("published ID")
+        .to_owned();
+    wait_until(
+        "delivered, and dead-lettered at flaky",
+        Duration::from_secs(20),
+        || {
+            !lines_of(&fleet, "shipper", &id).is_empty()
+                && get_json(&format!("{}/v1/topics/order.placed", fleet.control))
+                    .is_some_and(|t| t["dead_letters"] == 1)
+        },
+    );
+    assert_eq!(lines_of(&fleet, "flaky", &id).len(), 2, "max_attempts = 2");
 }
