@@ -270,6 +270,16 @@ fn one_trace_through_every_service(fleet: &Fleet, api: &str, sku: &str) {
             })
         },
     );
+    // Shipping subscribes too: the confirmation sends the shipment out.
+    wait_until("the shipment dispatched", Duration::from_secs(15), || {
+        let lines: Vec<Value> = get(&format!(
+            "{}/v1/logs?service=shipping&grep=dispatched",
+            fleet.control
+        ))
+        .json()
+        .expect("log lines");
+        !lines.is_empty()
+    });
     let trace: Value = get(&format!("{}/v1/traces/{trace_id}", fleet.control))
         .json()
         .expect("the trace");
@@ -277,6 +287,7 @@ fn one_trace_through_every_service(fleet: &Fleet, api: &str, sku: &str) {
     for (service, kind, peer) in [
         ("orders", "client", "flotilla"),
         ("flotilla", "client", "notifications"),
+        ("flotilla", "client", "shipping"),
     ] {
         assert!(
             spans.iter().any(|s| s["service"] == service

@@ -1,4 +1,5 @@
-//! shipping: creates a shipment per order, and cancels it.
+//! shipping: creates a shipment per order, and cancels it; dispatches it once the order is
+//! confirmed, which it learns from the `order.confirmed` event (pushed by Flotilla).
 
 use std::process::ExitCode;
 
@@ -26,6 +27,7 @@ const SCHEMA: &str = "
 
 const CREATED: &str = "created";
 const CANCELLED: &str = "cancelled";
+const DISPATCHED: &str = "dispatched";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -41,6 +43,7 @@ fn router(db: Db) -> Router {
     Router::new()
         .route("/shipments", post(create))
         .route("/shipments/{id}", get(get_shipment).delete(cancel))
+        .route("/events/order-confirmed", post(order_confirmed))
         .with_state(db)
 }
 
@@ -129,6 +132,55 @@ async fn cancel(
         })
         .await?;
     Ok(Json(shipment))
+}
+
+/// The CloudEvent Flotilla pushes, structured mode; only the order id matters here.
+#[derive(Debug, Deserialize)]
+struct OrderEvent {
+    id: String,
+    data: OrderData,
+}
+
+#[derive(Debug, Deserialize)]
+struct OrderData {
+    order: String,
+}
+
+/// `order.confirmed`: the order's shipment goes out. Delivered at least once, so a repeat (or a
+/// replay) changes nothing; an order without a shipment is acknowledged too, since retrying
+/// cannot create one. Anything but a 2xx makes Flotilla deliver it again.
+async fn order_confirmed(
+    State(db): State<Db>,
+    JsonBody(event): JsonBody<OrderEvent>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let order = event.data.order;
+    let outcome = db
+        .call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(shipment) = find_shipment(&tx, By::OrderId, &order)? else {
+                return Ok(None);
+            };
+            if shipment.status == CREATED {
+                tx.execute(
+                    "UPDATE shipments SET status = ?2 WHERE id = ?1",
+                    params![shipment.id, DISPATCHED],
+                )?;
+                tx.commit()?;
+            }
+            Ok(Some(shipment.id))
+        })
+        .await?;
+    match &outcome {
+        Some(shipment) => println!(
+            "dispatched {shipment} for confirmed order (event {})",
+            event.id
+        ),
+        None => println!(
+            "level=warn order.confirmed for an order without a shipment (event {})",
+            event.id
+        ),
+    }
+    Ok(Json(serde_json::json!({ "shipment": outcome })))
 }
 
 enum By {
