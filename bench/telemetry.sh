@@ -4,13 +4,14 @@
 # and, sampled to `stored_spans_per_second`, in SQLite) — requests/s and p99 through each gateway
 # with wrk.
 #
-#   bench/telemetry.sh [DURATION=10s] [CONNECTIONS=64]
+#   bench/telemetry.sh [DURATION=10s] [CONNECTIONS=64] [ROUNDS=3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 
 duration="${1:-10s}"
 connections="${2:-64}"
+rounds="${3:-3}"
 need wrk nginx curl
 
 echo "building flotilla (release)..." >&2
@@ -57,9 +58,21 @@ TOML
 done
 
 echo "wrk -t$threads -c$connections -d$duration on $(nproc) cores, one fleet at a time"
-measure telemetry_off "http://127.0.0.1:${gateway[off]}/" "$duration" "$connections"
-measure telemetry_memory "http://127.0.0.1:${gateway[memory]}/" "$duration" "$connections"
-measure telemetry_on "http://127.0.0.1:${gateway[on]}/" "$duration" "$connections"
+# Interleaved rounds, medians compared: on two shared cores one run of each drifts by more than
+# the cost being measured.
+declare -A runs
+for round in $(seq "$rounds"); do
+    for app in off memory on; do
+        measure "telemetry_$app" "http://127.0.0.1:${gateway[$app]}/" "$duration" "$connections"
+        var="rps_telemetry_$app"
+        runs[$app]+="${!var} "
+    done
+done
+median() { python3 -c 'import statistics,sys; print(statistics.median(map(float, sys.argv[1:])))' $1; }
+rps_telemetry_off="$(median "${runs[off]}")"
+rps_telemetry_memory="$(median "${runs[memory]}")"
+rps_telemetry_on="$(median "${runs[on]}")"
+echo "medians of $rounds rounds: off $rps_telemetry_off, memory $rps_telemetry_memory, on $rps_telemetry_on req/s"
 control="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["control"])' "$work/on/.flotilla/fleet.json")"
 stored="$(curl -fsS "$control/metrics" \
     | grep -E '^flotilla_telemetry_(stored_total\{signal="spans"\}|store_sampled_out_total|store_dropped_total)' || true)"

@@ -38,7 +38,15 @@ impl TraceStore {
     /// The edges seen in CLIENT spans that started within `window` before `now`, sorted by
     /// caller then callee. Spans that do not name their peer are left out.
     pub fn edges(&self, window: Duration, now: SystemTime) -> Vec<EdgeStats> {
-        let since = now.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut since = now.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
+        // Under load the store holds less than the window: rates are taken over the stretch it
+        // holds completely, not divided by seconds whose calls were evicted.
+        if let Some(complete) = self.complete_since()
+            && complete > since
+        {
+            since = complete.min(now);
+        }
+        let window = now.duration_since(since).unwrap_or(window);
         // Keyed by `Arc<str>` and looked up by `&str`: one reference count per edge, not per span.
         let mut tallies: HashMap<Arc<str>, HashMap<Arc<str>, Tally>> = HashMap::new();
         self.for_each_span(|span| {
@@ -165,6 +173,22 @@ mod tests {
         assert_eq!((stock.p50_ms, stock.p99_ms), (4.0, 4.0));
 
         assert!(store.edges(Duration::from_secs(1), t(0)).is_empty());
+    }
+
+    #[test]
+    fn rates_cover_only_what_the_store_still_holds() {
+        // Room for 100 spans (50 calls); 1,000 calls at 100 a second over the last 10 s: the
+        // store holds the last half second, and the rate is taken over that, not the window.
+        let store = TraceStore::new(100);
+        for n in 0..1_000u64 {
+            let (client, server) = call("gateway", "orders", 50_000 + n * 10, 1);
+            store.record(client);
+            store.record(server);
+        }
+        let edges = store.edges(Duration::from_secs(60), t(60_000));
+        assert_eq!(edges[0].requests, 50);
+        let rate = edges[0].requests_per_second;
+        assert!((95.0..=105.0).contains(&rate), "{rate} req/s for 100 req/s");
     }
 
     #[test]

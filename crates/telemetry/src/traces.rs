@@ -179,6 +179,18 @@ impl TraceStore {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Since when every span recorded is still held: `None` while nothing was ever evicted, else
+    /// the latest among the shards' oldest held spans (shards evict independently).
+    pub(crate) fn complete_since(&self) -> Option<SystemTime> {
+        self.shards
+            .iter()
+            .filter_map(|shard| {
+                let shard = lock(shard);
+                (shard.base > 0).then(|| shard.slots.front().map(|slot| slot.span.start))?
+            })
+            .max()
+    }
+
     /// Visits every span held, one shard (one lock) at a time.
     pub(crate) fn for_each_span(&self, mut visit: impl FnMut(&Span)) {
         for shard in self.shards.iter() {
