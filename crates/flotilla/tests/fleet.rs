@@ -1567,6 +1567,10 @@ fn telemetry_outlives_a_restart_and_logs_stream_as_events() {
         .unwrap_or_default();
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(lines[0]["service"], "back");
+    assert_eq!(
+        lines[0]["version"], "0.0.0",
+        "stored with the service's version"
+    );
     let by_trace = get_json(&format!("{}/v1/logs?trace={trace_id}", fleet.control))
         .and_then(|l| l.as_array().cloned())
         .unwrap_or_default();

@@ -465,6 +465,11 @@ where
     let stop = inner.root.clone();
     let service = instance.service.clone();
     let name = instance.name.clone();
+    let version: Arc<str> = Arc::from(
+        inner.config.manifest.services[instance.service_index]
+            .version
+            .as_str(),
+    );
     inner.tasks.spawn(async move {
         let mut reader = LineReader::new(pipe);
         loop {
@@ -478,7 +483,9 @@ where
                 Err(e) => (Stream::System, format!("cannot read {stream:?}: {e}")),
             };
             let ended = stream == Stream::System;
-            logs.push(LogRecord::new(service.clone(), name.clone(), stream, line));
+            let mut record = LogRecord::new(service.clone(), name.clone(), stream, line);
+            record.version = Some(version.clone());
+            logs.push(record);
             if ended {
                 return;
             }

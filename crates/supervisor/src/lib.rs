@@ -251,12 +251,18 @@ pub(crate) struct Inner {
 
 impl Inner {
     pub(crate) fn log(&self, instance: &Instance, line: String) {
-        self.config.logs.push(LogRecord::new(
+        let mut record = LogRecord::new(
             instance.service.clone(),
             instance.name.clone(),
             Stream::System,
             line,
+        );
+        record.version = Some(Arc::from(
+            self.config.manifest.services[instance.service_index]
+                .version
+                .as_str(),
         ));
+        self.config.logs.push(record);
     }
 
     fn health(&self, instance: &Instance) -> Health {

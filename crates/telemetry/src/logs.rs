@@ -28,6 +28,9 @@ pub struct LogRecord {
     pub time: SystemTime,
     pub service: Arc<str>,
     pub instance: Arc<str>,
+    /// The version of the service the instance runs, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<Arc<str>>,
     pub stream: Stream,
     pub line: String,
     /// Read from the line (see [`classify`]) when it says.
@@ -46,6 +49,7 @@ impl LogRecord {
             time: SystemTime::now(),
             service,
             instance,
+            version: None,
             stream,
             level,
             trace_id,

@@ -249,16 +249,15 @@ pub fn decode_logs(body: &[u8], encoding: Encoding) -> Result<Vec<LogRecord>, Ot
             .unwrap_or_else(|| origin.service.clone());
         for (s, scope_logs) in resource_logs.scope_logs.into_iter().enumerate() {
             for (i, record) in scope_logs.log_records.into_iter().enumerate() {
-                let record =
-                    log_from_proto(record, &origin.service, &instance, now).map_err(|what| {
-                        let place = Place {
-                            signal: Signal::Logs,
-                            resource: r,
-                            scope: s,
-                            item: i,
-                        };
-                        OtlpError::new(format!("{place}: {what}"))
-                    })?;
+                let record = log_from_proto(record, &origin, &instance, now).map_err(|what| {
+                    let place = Place {
+                        signal: Signal::Logs,
+                        resource: r,
+                        scope: s,
+                        item: i,
+                    };
+                    OtlpError::new(format!("{place}: {what}"))
+                })?;
                 records.push(record);
             }
         }
@@ -390,6 +389,7 @@ fn standard_base64(text: &mut String) -> bool {
 struct Origin {
     service: Arc<str>,
     instance: Option<Arc<str>>,
+    version: Option<Arc<str>>,
 }
 
 impl Origin {
@@ -411,6 +411,7 @@ impl Origin {
         Self {
             service: text("service.name").unwrap_or_else(|| Arc::from("unknown_service")),
             instance: text("service.instance.id"),
+            version: text("service.version"),
         }
     }
 }
@@ -677,7 +678,7 @@ impl fmt::Display for JsonString<'_> {
 
 fn log_from_proto(
     record: proto_logs::LogRecord,
-    service: &Arc<str>,
+    origin: &Origin,
     instance: &Arc<str>,
     now: SystemTime,
 ) -> Result<LogRecord, String> {
@@ -719,8 +720,9 @@ fn log_from_proto(
     };
     Ok(LogRecord {
         time,
-        service: service.clone(),
+        service: origin.service.clone(),
         instance: instance.clone(),
+        version: origin.version.clone(),
         stream: if stderr {
             Stream::Stderr
         } else {

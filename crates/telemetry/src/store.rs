@@ -42,7 +42,7 @@ use crate::traces::{TraceQuery, TraceSummary, depths, summarize};
 pub const DB_FILE: &str = "telemetry.db";
 
 /// The layout this code reads and writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Items waiting for the writer. The queue is the only buffer between the request path and the
 /// disk, and it is bounded: a span is a few hundred bytes, so a full queue holds a few MiB plus
@@ -102,7 +102,8 @@ CREATE TABLE logs (
     stream TEXT NOT NULL,
     level INTEGER,
     trace_id BLOB,
-    line TEXT NOT NULL
+    line TEXT NOT NULL,
+    version TEXT
 );
 CREATE INDEX logs_time ON logs (time_us);
 CREATE INDEX logs_service_time ON logs (service, time_us);
@@ -135,8 +136,8 @@ const INSERT_SPAN: &str = "INSERT INTO spans \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
 const INSERT_LOG: &str = "INSERT INTO logs \
-    (time_us, service, instance, stream, level, trace_id, line) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+    (time_us, service, instance, stream, level, trace_id, line, version) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
 const SPANS_OF_TRACE: &str = "SELECT span FROM spans WHERE trace_id = ?1 ORDER BY rowid";
 
@@ -439,7 +440,7 @@ impl TelemetryDb {
             return Ok(Vec::new());
         }
         let mut sql = String::from(
-            "SELECT time_us, service, instance, stream, level, trace_id, line FROM logs WHERE 1",
+            "SELECT time_us, service, instance, stream, level, trace_id, line, version FROM logs WHERE 1",
         );
         let mut values: Vec<Value> = Vec::new();
         let mut and = |clause: &str, value: Value| {
@@ -562,6 +563,11 @@ fn prepare_schema(conn: &mut Connection) -> Result<(), StoreError> {
             tx.execute_batch(SCHEMA)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
+        // Version 1 stored no service version with log lines.
+        1 => {
+            tx.execute_batch("ALTER TABLE logs ADD COLUMN version TEXT")?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
         SCHEMA_VERSION => {}
         found => {
             return Err(StoreError::NewerSchema {
@@ -669,6 +675,7 @@ fn decode_log(row: &Row<'_>) -> rusqlite::Result<Option<LogRecord>> {
             level: row.get::<_, Option<i64>>(4).ok()?.and_then(level_from_code),
             trace_id: trace_id_of(row, 5).ok()?,
             line: row.get(6).ok()?,
+            version: row.get::<_, Option<String>>(7).ok()?.map(Into::into),
         })
     })();
     if decoded.is_none() {
@@ -1182,6 +1189,7 @@ fn insert(conn: &mut Connection, records: &mut [Item]) -> rusqlite::Result<Writt
                         log.level.map(level_code),
                         log.trace_id.as_ref().map(|trace| &trace.0[..]),
                         &log.line,
+                        log.version.as_deref(),
                     ])?;
                     written.logs += 1;
                 }

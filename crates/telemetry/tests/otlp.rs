@@ -576,6 +576,7 @@ mod otlp {
                 time: at(1_700_000_000_987_654_321),
                 service: service.into(),
                 instance: instance.into(),
+                version: None,
                 stream,
                 line: line.into(),
                 level,

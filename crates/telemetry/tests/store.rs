@@ -276,6 +276,7 @@ fn traces_agree_with_the_memory_store() {
 fn record(time: SystemTime, service: &str, instance: u8, line: &str) -> LogRecord {
     LogRecord {
         time,
+        version: Some(format!("1.{instance}.0").into()),
         ..LogRecord::new(
             service.into(),
             format!("{service}-{instance}").into(),
@@ -293,6 +294,7 @@ type Key = (
     String,
     Option<Level>,
     Option<TraceId>,
+    Option<String>,
 );
 
 fn key(r: &LogRecord) -> Key {
@@ -304,6 +306,7 @@ fn key(r: &LogRecord) -> Key {
         r.line.clone(),
         r.level,
         r.trace_id,
+        r.version.as_deref().map(str::to_owned),
     )
 }
 
@@ -690,7 +693,7 @@ fn a_newer_schema_is_refused_and_left_untouched() {
             error,
             StoreError::NewerSchema {
                 found: 99,
-                supported: 1
+                supported: 2
             }
         ),
         "{error}"
@@ -729,4 +732,47 @@ fn open_creates_the_directory() {
     assert_eq!(db.stats().spans_written, 1);
     assert!(db.stats().size_bytes > 0);
     assert!(nested.join("telemetry.db").exists());
+}
+
+/// A file written by the first schema (no version column) is brought forward on open, keeping
+/// its lines.
+#[test]
+fn a_version_1_file_is_migrated_in_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(flotilla_telemetry::store::DB_FILE);
+    {
+        let conn = rusqlite::Connection::open(&path).expect("create");
+        // A minute ago: within the default retention, which runs on open.
+        let then = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_micros()
+            - 60_000_000;
+        conn.execute_batch(&format!(
+            "CREATE TABLE spans (trace_id BLOB NOT NULL, span_id BLOB NOT NULL, parent BLOB,
+                service TEXT NOT NULL, start_us INTEGER NOT NULL, duration_us INTEGER NOT NULL,
+                error INTEGER NOT NULL, span TEXT NOT NULL);
+             CREATE TABLE logs (id INTEGER PRIMARY KEY, time_us INTEGER NOT NULL,
+                service TEXT NOT NULL, instance TEXT NOT NULL, stream TEXT NOT NULL,
+                level INTEGER, trace_id BLOB, line TEXT NOT NULL);
+             CREATE VIRTUAL TABLE logs_fts USING fts5 (line, content = 'logs',
+                content_rowid = 'id', tokenize = 'trigram case_sensitive 0');
+             INSERT INTO logs (time_us, service, instance, stream, line)
+                VALUES ({then}, 'orders', 'orders-1', 'stdout', 'from before');
+             INSERT INTO logs_fts (rowid, line) VALUES (1, 'from before');
+             PRAGMA user_version = 1;"
+        ))
+        .expect("a version 1 file");
+    }
+    let db = TelemetryDb::open(dir.path(), Retention::default()).expect("opened and migrated");
+    let mut new = record(SystemTime::now(), "orders", 2, "from after");
+    new.version = Some("2.0.0".into());
+    db.record_log(Arc::new(new));
+    db.flush();
+    let lines = db.logs(&LogQuery::default(), None).expect("query");
+    let seen: Vec<(&str, Option<&str>)> = lines
+        .iter()
+        .map(|r| (r.line.as_str(), r.version.as_deref()))
+        .collect();
+    assert_eq!(seen, [("from before", None), ("from after", Some("2.0.0"))]);
 }
