@@ -212,68 +212,58 @@ fn enum_text<T: serde::Serialize>(value: &T) -> String {
 /// Event streams in `/metrics`: per subscriber, lag and what was delivered or dead-lettered; per
 /// topic, the events stored and waiting in the dead-letter topic.
 fn render_events(topics: &[flotilla_events::engine::TopicOverview], out: &mut Exposition) {
+    use flotilla_events::engine::SubscriberLag;
     use flotilla_telemetry::MetricType;
-    out.family(
-        "flotilla_event_lag",
-        "Events stored and not yet acknowledged by a subscriber, over all partitions.",
-        MetricType::Gauge,
-    );
-    for topic in topics {
-        for s in &topic.subscribers {
-            let labels = [
-                ("topic", topic.topic.as_str()),
-                ("subscriber", s.service.as_str()),
-            ];
-            out.sample("", &labels, s.lag as f64);
+    type PerSubscriber = fn(&SubscriberLag) -> u64;
+    let per_subscriber: [(&str, &str, MetricType, PerSubscriber); 3] = [
+        (
+            "flotilla_event_lag",
+            "Events stored and not yet acknowledged by a subscriber, over all partitions.",
+            MetricType::Gauge,
+            |s| s.lag,
+        ),
+        (
+            "flotilla_events_delivered_total",
+            "Events a subscriber acknowledged since the fleet started.",
+            MetricType::Counter,
+            |s| s.delivered,
+        ),
+        (
+            "flotilla_events_dead_lettered_total",
+            "Events moved to the dead-letter topic after a subscriber's last attempt failed.",
+            MetricType::Counter,
+            |s| s.dead_lettered,
+        ),
+    ];
+    for (name, help, kind, value) in per_subscriber {
+        out.family(name, help, kind);
+        for topic in topics {
+            for s in &topic.subscribers {
+                let labels = [
+                    ("topic", topic.topic.as_str()),
+                    ("subscriber", s.service.as_str()),
+                ];
+                out.sample("", &labels, value(s) as f64);
+            }
         }
     }
-    out.family(
-        "flotilla_events_delivered_total",
-        "Events a subscriber acknowledged since the fleet started.",
-        MetricType::Counter,
-    );
-    for topic in topics {
-        for s in &topic.subscribers {
-            let labels = [
-                ("topic", topic.topic.as_str()),
-                ("subscriber", s.service.as_str()),
-            ];
-            out.sample("", &labels, s.delivered as f64);
+    type PerTopic = fn(&flotilla_events::engine::TopicOverview) -> u64;
+    let per_topic: [(&str, &str, PerTopic); 2] = [
+        (
+            "flotilla_event_records",
+            "Events held by a topic, over all partitions.",
+            |t| t.partitions.iter().map(|p| p.records).sum(),
+        ),
+        (
+            "flotilla_event_dead_letters",
+            "Events waiting in a topic's dead-letter topic.",
+            |t| t.dead_letters,
+        ),
+    ];
+    for (name, help, value) in per_topic {
+        out.family(name, help, MetricType::Gauge);
+        for topic in topics {
+            out.sample("", &[("topic", topic.topic.as_str())], value(topic) as f64);
         }
-    }
-    out.family(
-        "flotilla_events_dead_lettered_total",
-        "Events moved to the dead-letter topic after a subscriber's last attempt failed.",
-        MetricType::Counter,
-    );
-    for topic in topics {
-        for s in &topic.subscribers {
-            let labels = [
-                ("topic", topic.topic.as_str()),
-                ("subscriber", s.service.as_str()),
-            ];
-            out.sample("", &labels, s.dead_lettered as f64);
-        }
-    }
-    out.family(
-        "flotilla_event_records",
-        "Events held by a topic, over all partitions.",
-        MetricType::Gauge,
-    );
-    for topic in topics {
-        let records: u64 = topic.partitions.iter().map(|p| p.records).sum();
-        out.sample("", &[("topic", topic.topic.as_str())], records as f64);
-    }
-    out.family(
-        "flotilla_event_dead_letters",
-        "Events waiting in a topic's dead-letter topic.",
-        MetricType::Gauge,
-    );
-    for topic in topics {
-        out.sample(
-            "",
-            &[("topic", topic.topic.as_str())],
-            topic.dead_letters as f64,
-        );
     }
 }
