@@ -28,6 +28,8 @@ pub struct Manifest {
     pub topics: Vec<Topic>,
     /// `[[subscriptions]]`, in file order.
     pub subscriptions: Vec<Subscription>,
+    /// `[sagas]`: where saga logs are kept, and the sagas declared as `[sagas.NAME]`.
+    pub sagas: SagaSettings,
     /// In dependency order: every service comes after all of its `depends_on`.
     pub services: Vec<Service>,
 }
@@ -449,4 +451,151 @@ impl Default for BulkheadPolicy {
             max_queue: 100,
         }
     }
+}
+
+/// `[sagas]`: the store, plus every `[sagas.NAME]` table in file order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SagaSettings {
+    /// `store`: `"sqlite"` (default: `.flotilla/sagas.db`) or a `postgres://` URL.
+    pub store: SagaStoreKind,
+    pub sagas: Vec<Saga>,
+}
+
+impl SagaSettings {
+    pub fn saga(&self, name: &str) -> Option<&Saga> {
+        self.sagas.iter().find(|s| s.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SagaStoreKind {
+    #[default]
+    Sqlite,
+    Postgres {
+        url: String,
+    },
+}
+
+/// `[sagas.NAME]`: steps run in order; on a permanent failure, the completed steps' compensations
+/// run in reverse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saga {
+    /// Lower-case letters, digits, `-`, `_` and `.`.
+    pub name: String,
+    /// `timeout`: past it, the saga stops going forward and compensates. `None` when absent.
+    pub timeout: Option<Duration>,
+    /// `trigger = { topic = "order.placed" }`: every event of that topic starts one saga, its
+    /// `data` as the input.
+    pub trigger: Option<SagaTrigger>,
+    /// `[[sagas.NAME.steps]]`, at least one, names unique.
+    pub steps: Vec<SagaStep>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaTrigger {
+    /// A declared topic (or its `.dlq`).
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaStep {
+    pub name: String,
+    pub action: SagaCall,
+    /// `compensate`: undoes a completed action; `None` when the step needs no undoing.
+    pub compensate: Option<SagaCall>,
+    pub retry: StepRetry,
+}
+
+/// `retry = { attempts = 5, backoff = "200ms", max_backoff = "10s" }` of a step's action.
+/// Compensations use the same backoff but retry until they succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepRetry {
+    /// Tries in total, the first included. Default 3, 1–100.
+    pub attempts: u32,
+    /// First delay, doubling per attempt. Default 200ms.
+    pub backoff: Duration,
+    /// Cap of the doubling. Default 10s; at least `backoff`.
+    pub max_backoff: Duration,
+}
+
+impl Default for StepRetry {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `{ call = "POST inventory /reservations", body = ... }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaCall {
+    /// Upper-case: GET, POST, PUT, PATCH or DELETE.
+    pub method: String,
+    /// A declared service.
+    pub service: Arc<str>,
+    /// Starts with `/`; an expression's value is percent-encoded as (part of) one path segment.
+    pub path: Template,
+    /// `body`: a template string or a table/array whose strings are templates; sent as JSON.
+    pub body: Option<BodyTemplate>,
+    /// The `call` text as written, for messages.
+    pub text: String,
+}
+
+/// A JSON body whose strings may hold `{{...}}` expressions. A string that is exactly one
+/// expression takes the referenced value whatever its type (`"{{input.items}}"` is an array);
+/// any other string is text with the values interpolated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyTemplate {
+    Null,
+    Bool(bool),
+    Integer(i64),
+    Float(f64),
+    String(Template),
+    Array(Vec<BodyTemplate>),
+    Object(Vec<(String, BodyTemplate)>),
+}
+
+/// Text with `{{...}}` expressions, parsed and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub parts: Vec<TemplatePart>,
+}
+
+impl Template {
+    /// The template is exactly one expression (then a body takes the value's own type).
+    pub fn single(&self) -> Option<&TemplateRef> {
+        match self.parts.as_slice() {
+            [TemplatePart::Expr(expr)] => Some(expr),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    Literal(String),
+    Expr(TemplateRef),
+}
+
+/// What an expression names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateRef {
+    /// `{{input}}`, `{{input.a.b}}`, `{{input.items.0.sku}}`.
+    Input(Vec<PathSegment>),
+    /// `{{steps.NAME.response}}`, `{{steps.NAME.response.id}}`: the JSON the step's action
+    /// answered. Only earlier steps (and, in a compensation, the step itself) may be named.
+    Step {
+        step: String,
+        path: Vec<PathSegment>,
+    },
+    /// `{{saga.id}}`.
+    SagaId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathSegment {
+    Key(String),
+    Index(usize),
 }

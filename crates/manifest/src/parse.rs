@@ -20,7 +20,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics, LineIndex};
 use crate::model::{
     BreakerPolicy, BulkheadPolicy, ControlSettings, EventBackend, EventSettings, Fallback, Fsync,
     GatewaySettings, HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy,
-    RestartSettings, RetryPolicy, Route, Service, Subscription, TelemetrySettings,
+    RestartSettings, RetryPolicy, Route, SagaSettings, Service, Subscription, TelemetrySettings,
     TelemetryStorage, Topic,
 };
 use crate::suggest::closest;
@@ -441,6 +441,7 @@ impl Checker<'_> {
             events,
             topics,
             subscriptions,
+            sagas: SagaSettings::default(),
             services,
         }
     }

@@ -118,6 +118,7 @@ fn fleet(services: Vec<Service>, extra_env: Arc<dyn InstanceEnv>) -> Fleet {
         events: Default::default(),
         topics: Vec::new(),
         subscriptions: Vec::new(),
+        sagas: Default::default(),
         services,
     };
     let registry = Registry::new();
