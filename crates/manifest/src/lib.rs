@@ -15,6 +15,7 @@ mod diagnostic;
 pub mod model;
 mod parse;
 mod suggest;
+mod template;
 
 use std::path::Path;
 use std::time::Duration;

@@ -4,6 +4,7 @@
 //! services sorted so that every service comes after the services it depends on.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -558,6 +559,11 @@ pub enum BodyTemplate {
 }
 
 /// Text with `{{...}}` expressions, parsed and checked.
+///
+/// An expression is `input` or `steps.NAME.response`, each followed by any number of
+/// `.key` or `.0` (array index) segments, or `saga.id`; spaces inside the braces are allowed.
+/// There is no escape: `{{` always opens an expression and a `}}` outside one is refused, so
+/// neither can be written literally. Displays back as template text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     pub parts: Vec<TemplatePart>,
@@ -570,6 +576,26 @@ impl Template {
             [TemplatePart::Expr(expr)] => Some(expr),
             _ => None,
         }
+    }
+
+    /// The expressions, in order.
+    pub fn refs(&self) -> impl Iterator<Item = &TemplateRef> {
+        self.parts.iter().filter_map(|part| match part {
+            TemplatePart::Expr(expr) => Some(expr),
+            TemplatePart::Literal(_) => None,
+        })
+    }
+}
+
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for part in &self.parts {
+            match part {
+                TemplatePart::Literal(text) => f.write_str(text)?,
+                TemplatePart::Expr(expr) => write!(f, "{{{{{expr}}}}}")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -594,8 +620,36 @@ pub enum TemplateRef {
     SagaId,
 }
 
+/// Displays as written, without braces: `steps.reserve-stock.response.id`.
+impl fmt::Display for TemplateRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = match self {
+            TemplateRef::Input(path) => {
+                f.write_str("input")?;
+                path
+            }
+            TemplateRef::Step { step, path } => {
+                write!(f, "steps.{step}.response")?;
+                path
+            }
+            TemplateRef::SagaId => return f.write_str("saga.id"),
+        };
+        path.iter().try_for_each(|segment| write!(f, ".{segment}"))
+    }
+}
+
+/// One `.key` or `.0` after an expression's root; an all-digit segment is an index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathSegment {
     Key(String),
     Index(usize),
+}
+
+impl fmt::Display for PathSegment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathSegment::Key(key) => f.write_str(key),
+            PathSegment::Index(index) => write!(f, "{index}"),
+        }
+    }
 }

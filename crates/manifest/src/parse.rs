@@ -25,6 +25,8 @@ use crate::model::{
 };
 use crate::suggest::closest;
 
+mod sagas;
+
 type Value<'i> = Spanned<DeValue<'i>>;
 type Span = Range<usize>;
 
@@ -54,6 +56,7 @@ const TOP_KEYS: &[&str] = &[
     "events",
     "topics",
     "subscriptions",
+    "sagas",
     "services",
 ];
 const EVENTS_KEYS: &[&str] = &["backend", "url", "fsync", "max_event_size"];
@@ -391,6 +394,10 @@ impl Checker<'_> {
             Some(value) => self.subscriptions(value, &topics, &services),
             None => Vec::new(),
         };
+        let sagas = match root.get("sagas") {
+            Some(value) => self.sagas(value, &topics, &services),
+            None => SagaSettings::default(),
+        };
         let blamed = match (control_listen, gateway_listen) {
             (Listen::Invalid, _) | (_, Listen::Invalid) => None,
             (Listen::Given(span), _) | (_, Listen::Given(span)) => Some(span),
@@ -441,7 +448,7 @@ impl Checker<'_> {
             events,
             topics,
             subscriptions,
-            sagas: SagaSettings::default(),
+            sagas,
             services,
         }
     }
@@ -737,28 +744,7 @@ impl Checker<'_> {
                     );
                     None
                 }
-                Some(value) => self.string(value, "topic").and_then(|name| {
-                    // A dead-letter topic exists for every declared topic.
-                    let base = name.strip_suffix(".dlq").unwrap_or(name);
-                    if topic_names.contains(&base) {
-                        return Some(name.to_owned());
-                    }
-                    let help = match closest(name, topic_names.iter().copied()) {
-                        Some(near) => {
-                            format!("did you mean `{near}`? declare topics as [topics.\"NAME\"]")
-                        }
-                        None if topic_names.is_empty() => {
-                            "no topics are declared; add a [topics.\"NAME\"] section".into()
-                        }
-                        None => format!("declared topics are: {}", topic_names.join(", ")),
-                    };
-                    self.error(
-                        &value.span(),
-                        format!("unknown topic `{name}` in subscription"),
-                        Some(help),
-                    );
-                    None
-                }),
+                Some(value) => self.declared_topic(value, &topic_names, "subscription"),
             };
             let service = match table.get("service") {
                 None => {
@@ -814,6 +800,35 @@ impl Checker<'_> {
             }
         }
         subscriptions
+    }
+
+    /// The name of a declared topic or of its dead-letter topic; `place` is where it is named,
+    /// for the message.
+    fn declared_topic(
+        &mut self,
+        value: &Value<'_>,
+        topic_names: &[&str],
+        place: &str,
+    ) -> Option<String> {
+        let name = self.string(value, "topic")?;
+        // A dead-letter topic exists for every declared topic.
+        let base = name.strip_suffix(".dlq").unwrap_or(name);
+        if topic_names.contains(&base) {
+            return Some(name.to_owned());
+        }
+        let help = match closest(name, topic_names.iter().copied()) {
+            Some(near) => format!("did you mean `{near}`? declare topics as [topics.\"NAME\"]"),
+            None if topic_names.is_empty() => {
+                "no topics are declared; add a [topics.\"NAME\"] section".into()
+            }
+            None => format!("declared topics are: {}", topic_names.join(", ")),
+        };
+        self.error(
+            &value.span(),
+            format!("unknown topic `{name}` in {place}"),
+            Some(help),
+        );
+        None
     }
 
     /// Overwrites `slot` with the table's valid `listen` address, if it has one.

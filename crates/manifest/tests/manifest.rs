@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_manifest::{
-    BreakerPolicy, BulkheadPolicy, DEFAULT_OTLP_LISTEN, Diagnostic, Diagnostics, EventBackend,
-    EventSettings, Fallback, Fsync, HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy,
-    RestartSettings, RetryPolicy, Subscription, TelemetrySettings, TelemetryStorage, Topic, load,
-    parse,
+    BodyTemplate, BreakerPolicy, BulkheadPolicy, DEFAULT_OTLP_LISTEN, Diagnostic, Diagnostics,
+    EventBackend, EventSettings, Fallback, Fsync, HealthSettings, LoadBalancer, Manifest,
+    OutlierPolicy, PathSegment, Policy, RestartSettings, RetryPolicy, SagaSettings, SagaStoreKind,
+    SagaTrigger, StepRetry, Subscription, TelemetrySettings, TelemetryStorage, TemplatePart,
+    TemplateRef, Topic, load, parse,
 };
 
 const DURATION_HELP: &str = "use a number with a unit, like \"500ms\", \"2s\" or \"1m\"";
@@ -296,7 +297,7 @@ fn unknown_top_level_key() {
     assert_eq!(
         help(&error),
         "allowed keys at the top level are: app, gateway, control, telemetry, events, topics, \
-         subscriptions, services"
+         subscriptions, sagas, services"
     );
 
     let error = single_error(
@@ -1779,5 +1780,502 @@ fn flotillas_own_names_are_reserved() {
         2,
         11,
         "the service name `gateway` is reserved",
+    );
+}
+
+// ---- [sagas] ----
+
+const SAGAS: &str = r#"app = "shop"
+
+[services.inventory]
+run = "inventory"
+
+[services.payments]
+run = "payments"
+
+[topics."order.placed"]
+
+[sagas]
+store = "sqlite"
+
+[sagas.place-order]
+timeout = "30s"
+trigger = { topic = "order.placed" }
+
+[[sagas.place-order.steps]]
+name = "reserve-stock"
+action = { call = "POST inventory /reservations", body = "{{input.items}}" }
+compensate = { call = "DELETE inventory /reservations/{{steps.reserve-stock.response.id}}" }
+retry = { attempts = 5, backoff = "200ms", max_backoff = "10s" }
+
+[[sagas.place-order.steps]]
+name = "authorize-payment"
+action = { call = "POST payments /authorizations", body = { order = "{{input.order_id}}", amount = "{{input.total}}", flags = [1, true, "x{{saga.id}}"] } }
+compensate = { call = "POST payments /authorizations/{{steps.authorize-payment.response.id}}/void" }
+"#;
+
+/// `SAGAS` with `from` replaced by `to`, which must occur exactly once.
+#[track_caller]
+fn saga_with(from: &str, to: &str) -> String {
+    assert_eq!(SAGAS.matches(from).count(), 1, "{from:?} must occur once");
+    SAGAS.replace(from, to)
+}
+
+fn key(name: &str) -> PathSegment {
+    PathSegment::Key(name.into())
+}
+
+#[test]
+fn sagas_parse_into_steps_calls_and_templates() {
+    let manifest = ok(SAGAS);
+    let sagas = &manifest.sagas;
+    assert_eq!(sagas.store, SagaStoreKind::Sqlite);
+    assert_eq!(sagas.sagas.len(), 1);
+    let saga = sagas.saga("place-order").expect("declared");
+    assert_eq!(saga.timeout, Some(Duration::from_secs(30)));
+    assert_eq!(
+        saga.trigger,
+        Some(SagaTrigger {
+            topic: "order.placed".into()
+        })
+    );
+    let [reserve, authorize] = saga.steps.as_slice() else {
+        panic!("two steps expected: {:#?}", saga.steps);
+    };
+
+    assert_eq!(reserve.name, "reserve-stock");
+    assert_eq!(reserve.action.method, "POST");
+    assert_eq!(&*reserve.action.service, "inventory");
+    assert_eq!(reserve.action.text, "POST inventory /reservations");
+    assert_eq!(
+        reserve.action.path.parts,
+        [TemplatePart::Literal("/reservations".into())]
+    );
+    let Some(BodyTemplate::String(items)) = &reserve.action.body else {
+        panic!("a template body expected: {:?}", reserve.action.body);
+    };
+    assert_eq!(
+        items.single(),
+        Some(&TemplateRef::Input(vec![key("items")]))
+    );
+    let undo = reserve.compensate.as_ref().expect("compensate");
+    assert_eq!(undo.method, "DELETE");
+    assert_eq!(
+        undo.path.parts,
+        [
+            TemplatePart::Literal("/reservations/".into()),
+            TemplatePart::Expr(TemplateRef::Step {
+                step: "reserve-stock".into(),
+                path: vec![key("id")],
+            }),
+        ]
+    );
+    assert_eq!(undo.path.single(), None);
+    assert_eq!(undo.body, None);
+    assert_eq!(
+        reserve.retry,
+        StepRetry {
+            attempts: 5,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    );
+
+    assert_eq!(authorize.retry, StepRetry::default());
+    let template = |text: &str| {
+        let Some(BodyTemplate::String(template)) = string_body(text) else {
+            unreachable!()
+        };
+        template
+    };
+    // Keys keep the file's order, not TOML's sorted one.
+    assert_eq!(
+        authorize.action.body,
+        Some(BodyTemplate::Object(vec![
+            ("order".into(), string_body("{{input.order_id}}").unwrap()),
+            ("amount".into(), string_body("{{input.total}}").unwrap()),
+            (
+                "flags".into(),
+                BodyTemplate::Array(vec![
+                    BodyTemplate::Integer(1),
+                    BodyTemplate::Bool(true),
+                    string_body("x{{saga.id}}").unwrap(),
+                ])
+            ),
+        ]))
+    );
+    assert_eq!(
+        template("x{{saga.id}}").parts,
+        [
+            TemplatePart::Literal("x".into()),
+            TemplatePart::Expr(TemplateRef::SagaId)
+        ]
+    );
+    assert_eq!(template("x{{saga.id}}").single(), None);
+    // A compensation may read its own step's response; templates display as written.
+    let void = authorize.compensate.as_ref().expect("compensate");
+    assert_eq!(
+        void.path.to_string(),
+        "/authorizations/{{steps.authorize-payment.response.id}}/void"
+    );
+}
+
+/// The body template `text` turns into, read through a one-step saga.
+fn string_body(text: &str) -> Option<BodyTemplate> {
+    let source = format!(
+        "app = \"a\"\n[services.s]\nrun = \"s\"\n[[sagas.x.steps]]\nname = \"a\"\n\
+         action = {{ call = \"POST s /\", body = \"{text}\" }}\n"
+    );
+    ok(&source).sagas.sagas[0].steps[0].action.body.clone()
+}
+
+#[test]
+fn saga_settings_and_options() {
+    let manifest = ok(
+        "app = \"a\"\n[services.s]\nrun = \"s\"\n[sagas]\nstore = \"postgresql://u@db:5432/sagas\"\n\
+         [sagas.\"b.second\"]\nsteps = [{ name = \"only.one\", action = { call = \"GET s /{{ input.ids.3 }}\", body = [1.5, { a = false }] } }]\n\
+         [sagas.a-first]\nsteps = [{ name = \"one\", action = { call = \"PUT s /x\" } }]\n",
+    );
+    assert_eq!(
+        manifest.sagas.store,
+        SagaStoreKind::Postgres {
+            url: "postgresql://u@db:5432/sagas".into()
+        }
+    );
+    let names: Vec<&str> = manifest
+        .sagas
+        .sagas
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["b.second", "a-first"]);
+    let saga = &manifest.sagas.sagas[0];
+    assert_eq!((saga.timeout, &saga.trigger), (None, &None));
+    let action = &saga.steps[0].action;
+    assert_eq!(
+        action.path.parts[1],
+        TemplatePart::Expr(TemplateRef::Input(vec![key("ids"), PathSegment::Index(3)]))
+    );
+    assert_eq!(
+        action.body,
+        Some(BodyTemplate::Array(vec![
+            BodyTemplate::Float(1.5),
+            BodyTemplate::Object(vec![("a".into(), BodyTemplate::Bool(false))]),
+        ]))
+    );
+    assert_eq!(ok("app = \"a\"\n").sagas, SagaSettings::default());
+}
+
+#[test]
+fn saga_call_mistakes() {
+    let error = single_error(
+        &saga_with(
+            "call = \"POST payments /authorizations\", body",
+            "call = \"POST paymnts /authorizations\", body",
+        ),
+        26,
+        25,
+        "unknown service `paymnts` in `call`",
+    );
+    assert_eq!(
+        help(&error),
+        "did you mean `payments`? known services are: inventory, payments"
+    );
+    let error = single_error(
+        &saga_with(
+            "\"POST inventory /reservations\"",
+            "\"post inventory /reservations\"",
+        ),
+        20,
+        20,
+        "HTTP method `post` must be upper-case",
+    );
+    assert_eq!(help(&error), "write `POST`");
+    let error = single_error(
+        &saga_with(
+            "\"POST inventory /reservations\"",
+            "\"PTCH inventory /reservations\"",
+        ),
+        20,
+        20,
+        "unknown HTTP method `PTCH` in `call`",
+    );
+    assert_eq!(
+        help(&error),
+        "did you mean `PATCH`? the methods are: GET, POST, PUT, PATCH, DELETE"
+    );
+    let error = single_error(
+        &saga_with(
+            "\"POST inventory /reservations\"",
+            "\"POST gateway /reservations\"",
+        ),
+        20,
+        25,
+        "`gateway` is part of Flotilla, not a service a saga can call",
+    );
+    assert!(help(&error).contains("inventory, payments"), "{error}");
+    single_error(
+        &saga_with("\"POST inventory /reservations\"", "\"POST inventory\""),
+        20,
+        19,
+        "`call` must be \"METHOD SERVICE /PATH\", found \"POST inventory\"",
+    );
+    single_error(
+        &saga_with(
+            "\"POST inventory /reservations\"",
+            "\"POST inventory reservations\"",
+        ),
+        20,
+        35,
+        "the path in `call` must start with `/`, found \"reservations\"",
+    );
+    single_error(
+        &saga_with(
+            "\"POST inventory /reservations\"",
+            "\"POST inventory /a b\"",
+        ),
+        20,
+        37,
+        "the path in `call` contains whitespace",
+    );
+    single_error(
+        &saga_with(
+            "action = { call = \"POST inventory /reservations\", ",
+            "action = { ",
+        ),
+        20,
+        10,
+        "missing required key `call` in the `action` of step `reserve-stock`",
+    );
+    single_error(
+        &saga_with("body = \"{{input.items}}\"", "body = 2026-01-01"),
+        20,
+        58,
+        "a date-time has no JSON form",
+    );
+}
+
+#[test]
+fn saga_template_mistakes() {
+    let error = single_error(
+        &saga_with(
+            "{{steps.reserve-stock.response.id}}",
+            "{{steps.reserve-stok.response.id}}",
+        ),
+        21,
+        55,
+        "unknown step `reserve-stok` in saga `place-order`",
+    );
+    assert_eq!(
+        help(&error),
+        "did you mean `reserve-stock`? the steps of `place-order` are: reserve-stock, \
+         authorize-payment"
+    );
+    let error = single_error(
+        &saga_with(
+            "\"{{input.items}}\"",
+            "\"{{ steps.authorize-payment.response }}\"",
+        ),
+        20,
+        59,
+        "step `authorize-payment` has not run yet when `reserve-stock` runs",
+    );
+    assert_eq!(
+        help(&error),
+        "`reserve-stock` runs first, so its action can only use `input` and `saga.id`"
+    );
+    // Its own response: not in its action, though its compensation may (as SAGAS does).
+    let error = single_error(
+        &saga_with(
+            "{{input.total}}",
+            "{{steps.authorize-payment.response.total}}",
+        ),
+        26,
+        101,
+        "step `authorize-payment` has not run yet when `authorize-payment` runs",
+    );
+    assert_eq!(
+        help(&error),
+        "the action of `authorize-payment` can use the responses of the steps before it: \
+         reserve-stock; its `compensate` may use `steps.authorize-payment.response`"
+    );
+    single_error(
+        &saga_with(
+            "{{steps.reserve-stock.response.id}}",
+            "{{steps.authorize-payment.response.id}}",
+        ),
+        21,
+        55,
+        "step `authorize-payment` runs after `reserve-stock`, so its response may not exist \
+         when `reserve-stock` is compensated",
+    );
+    let error = single_error(
+        &saga_with(
+            "{{steps.reserve-stock.response.id}}\"",
+            "{{steps.reserve-stock.response.id\"",
+        ),
+        21,
+        55,
+        "unclosed `{{` in template",
+    );
+    assert_eq!(
+        help(&error),
+        "close the expression with `}}`, like \"{{input.id}}\""
+    );
+    single_error(
+        &saga_with("\"x{{saga.id}}\"", "\"x}}\""),
+        26,
+        139,
+        "stray `}}` in template",
+    );
+    let error = single_error(
+        &saga_with("{{input.items}}", "{{inputs.items}}"),
+        20,
+        59,
+        "unknown root `inputs` in `{{inputs.items}}`",
+    );
+    assert!(help(&error).starts_with("did you mean `input`?"), "{error}");
+    let error = single_error(
+        &saga_with(
+            "{{steps.reserve-stock.response.id}}",
+            "{{steps.reserve-stock.id}}",
+        ),
+        21,
+        55,
+        "unknown field `id` of step `reserve-stock` in `{{steps.reserve-stock.id}}`",
+    );
+    assert_eq!(
+        help(&error),
+        "a step's result is `steps.NAME.response`, like \
+         \"{{steps.reserve-stock.response.id}}\""
+    );
+    single_error(
+        &saga_with("\"x{{saga.id}}\"", "\"{{saga.name}}\""),
+        26,
+        138,
+        "unknown saga field in `{{saga.name}}`",
+    );
+    single_error(
+        &saga_with("{{input.items}}", "{{}}"),
+        20,
+        59,
+        "empty expression `{{}}`",
+    );
+    // With an escape in the string, columns inside it are unknown: the string itself is blamed.
+    single_error(
+        &saga_with("\"{{input.items}}\"", "\"\\u0041{{inputs}}\""),
+        20,
+        58,
+        "unknown root `inputs` in `{{inputs}}`",
+    );
+}
+
+#[test]
+fn saga_structure_mistakes() {
+    let error = single_error(
+        &format!(
+            "{SAGAS}\n[[sagas.place-order.steps]]\nname = \"reserve-stock\"\naction = {{ call = \"GET inventory /x\" }}\n"
+        ),
+        30,
+        8,
+        "duplicate step name `reserve-stock` in saga `place-order`",
+    );
+    assert!(help(&error).contains("line 19"), "{error}");
+    let error = single_error(
+        "app = \"a\"\n[services.s]\nrun = \"s\"\n[sagas.store]\nsteps = [{ name = \"a\", action = { call = \"GET s /\" } }]\n",
+        4,
+        8,
+        "a saga cannot be named `store`",
+    );
+    assert!(help(&error).contains("another name"), "{error}");
+    let error = single_error(
+        &saga_with("store = \"sqlite\"", "store = \"mysql://db\""),
+        12,
+        9,
+        "unsupported saga store \"mysql://db\"",
+    );
+    assert!(help(&error).contains("postgres://"), "{error}");
+    let error = single_error(
+        &saga_with("store = \"sqlite\"", "store = \"sqlit\""),
+        12,
+        9,
+        "unsupported saga store \"sqlit\"",
+    );
+    assert!(
+        help(&error).starts_with("did you mean \"sqlite\"?"),
+        "{error}"
+    );
+    let error = single_error(
+        &saga_with("store = \"sqlite\"", "stor = \"sqlite\""),
+        12,
+        1,
+        "unknown key `stor` in [sagas]",
+    );
+    assert!(help(&error).starts_with("did you mean `store`?"), "{error}");
+    let error = single_error(
+        &saga_with("retry = {", "retyr = {"),
+        22,
+        1,
+        "unknown key `retyr` in [[sagas.place-order.steps]]",
+    );
+    assert_eq!(
+        help(&error),
+        "did you mean `retry`? allowed keys in [[sagas.place-order.steps]] are: name, action, \
+         compensate, retry"
+    );
+    let error = single_error(
+        &saga_with("timeout = \"30s\"", "timout = \"30s\""),
+        15,
+        1,
+        "unknown key `timout` in [sagas.place-order]",
+    );
+    assert!(
+        help(&error).starts_with("did you mean `timeout`?"),
+        "{error}"
+    );
+    let error = single_error(
+        &saga_with("topic = \"order.placed\" }", "topic = \"order.plcaed\" }"),
+        16,
+        21,
+        "unknown topic `order.plcaed` in saga trigger",
+    );
+    assert!(
+        help(&error).starts_with("did you mean `order.placed`?"),
+        "{error}"
+    );
+    // The dead-letter topic of a declared topic can trigger a saga too.
+    ok(&saga_with("\"order.placed\" }", "\"order.placed.dlq\" }"));
+    single_error(
+        &saga_with("attempts = 5", "attempts = 0"),
+        22,
+        22,
+        "`attempts` must be between 1 and 100, found 0",
+    );
+    single_error(
+        &saga_with("max_backoff = \"10s\"", "max_backoff = \"100ms\""),
+        22,
+        58,
+        "`max_backoff` (100ms) is shorter than `backoff` (200ms)",
+    );
+    single_error(
+        &format!(
+            "{SAGAS}\n[[sagas.place-order.steps]]\nname = \"Ship It\"\naction = {{ call = \"GET inventory /x\" }}\n"
+        ),
+        30,
+        8,
+        "invalid step name \"Ship It\": only lower-case letters, digits, `-`, `_` and `.` are \
+         allowed",
+    );
+    single_error(
+        "app = \"a\"\n[sagas.empty]\ntimeout = \"1s\"\n",
+        2,
+        8,
+        "saga `empty` has no steps",
+    );
+    single_error(
+        "app = \"a\"\n[sagas.empty]\nsteps = []\n",
+        3,
+        9,
+        "saga `empty` has no steps",
     );
 }
