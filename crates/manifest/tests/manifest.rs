@@ -2045,7 +2045,7 @@ fn saga_call_mistakes() {
         ),
         20,
         10,
-        "missing required key `call` in the `action` of step `reserve-stock`",
+        "missing required key `call` in the `action` of `reserve-stock`",
     );
     single_error(
         &saga_with("body = \"{{input.items}}\"", "body = 2026-01-01"),

@@ -31,7 +31,7 @@ const SAGAS_HELP: &str = "[sagas] holds the setting `store = \"...\"` and one [s
                           per saga";
 
 /// Whether a call is a step's action or its compensation: they may read different responses.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Phase {
     Action,
     Compensation,
@@ -57,8 +57,12 @@ struct StepScope<'a> {
 }
 
 impl StepScope<'_> {
-    fn this(&self) -> &str {
-        self.names[self.index].as_deref().unwrap_or("this step")
+    /// The step, quoted, for messages; an unnamed one (already reported) by its position.
+    fn this(&self) -> String {
+        match &self.names[self.index] {
+            Some(name) => format!("`{name}`"),
+            None => format!("step {} (unnamed)", self.index + 1),
+        }
     }
 
     /// Why this call may not read the response of `step`: a message and a help.
@@ -84,27 +88,27 @@ impl StepScope<'_> {
                     .map(String::as_str)
                     .collect();
                 let mut help = if earlier.is_empty() {
-                    format!("`{this}` runs first, so its action can only use `input` and `saga.id`")
+                    format!("{this} runs first, so its action can only use `input` and `saga.id`")
                 } else {
                     format!(
-                        "the action of `{this}` can use the responses of the steps before it: {}",
+                        "the action of {this} can use the responses of the steps before it: {}",
                         earlier.join(", ")
                     )
                 };
                 if target == self.index {
                     help.push_str(&format!(
-                        "; its `compensate` may use `steps.{this}.response`"
+                        "; its `compensate` may use `steps.{step}.response`"
                     ));
                 }
                 Err((
-                    format!("step `{step}` has not run yet when `{this}` runs"),
+                    format!("step `{step}` has not run yet when {this} runs"),
                     help,
                 ))
             }
             Phase::Compensation => Err((
                 format!(
-                    "step `{step}` runs after `{this}`, so its response may not exist when \
-                     `{this}` is compensated"
+                    "step `{step}` runs after {this}, so its response may not exist when \
+                     {this} is compensated"
                 ),
                 "a compensation can use the responses of its own step and of the steps before it"
                     .into(),
@@ -462,7 +466,7 @@ impl Checker<'_> {
             self.error(
                 &span,
                 format!(
-                    "missing required key `call` in the `{key}` of step `{}`",
+                    "missing required key `call` in the `{key}` of {}",
                     scope.this()
                 ),
                 Some(CALL_HELP.into()),
@@ -636,7 +640,7 @@ impl Checker<'_> {
                 if number.is_none() {
                     self.error(
                         &value.span(),
-                        format!("{written} has no JSON form"),
+                        format!("`{written}` has no JSON form"),
                         Some(format!(
                             "JSON numbers are finite; quote it to send a string: \"{written}\""
                         )),
