@@ -69,10 +69,7 @@ impl StepCaller for DirectCaller {
             match tokio::time::timeout(request.timeout, exchange).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(err)) => StepResponse::NoAnswer(err),
-                Err(_) => StepResponse::NoAnswer(format!(
-                    "no answer within {:?}",
-                    request.timeout
-                )),
+                Err(_) => StepResponse::NoAnswer(format!("no answer within {:?}", request.timeout)),
             }
         })
     }

@@ -56,7 +56,10 @@ pub struct StepRequest<'a> {
 /// What a call came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepResponse {
-    Answered { status: u16, body: Bytes },
+    Answered {
+        status: u16,
+        body: Bytes,
+    },
     /// No answer: the connection failed or the timeout passed. The call may have happened.
     NoAnswer(String),
 }
@@ -339,7 +342,11 @@ impl Orchestrator {
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
         if !ids.is_empty()
-            && let Err(err) = self.inner.store.release(&self.inner.config.owner, &ids).await
+            && let Err(err) = self
+                .inner
+                .store
+                .release(&self.inner.config.owner, &ids)
+                .await
         {
             tracing::warn!("sagas: could not release {} leases: {err}", ids.len());
         }
@@ -374,10 +381,7 @@ impl Orchestrator {
             .unwrap_or_else(PoisonError::into_inner);
         for name in self.inner.definitions.keys() {
             for status in [Status::Completed, Status::Compensated, Status::Failed] {
-                let count = finished
-                    .get(&(name.clone(), status))
-                    .copied()
-                    .unwrap_or(0);
+                let count = finished.get(&(name.clone(), status)).copied().unwrap_or(0);
                 let _ = writeln!(
                     out,
                     "flotilla_sagas_finished_total{{saga=\"{name}\",status=\"{status}\"}} {count}"
@@ -700,7 +704,8 @@ impl Run {
                         error.step,
                         error.message
                     );
-                    self.write(Some((Status::Compensating, Some(error)))).await?;
+                    self.write(Some((Status::Compensating, Some(error))))
+                        .await?;
                 }
             }
         }
@@ -893,12 +898,7 @@ impl Run {
         let (kind, http_status, detail) = classify(response);
         bump(
             &self.inner.metrics.calls,
-            (
-                definition.name.clone(),
-                step_name.clone(),
-                phase,
-                kind,
-            ),
+            (definition.name.clone(), step_name.clone(), phase, kind),
         );
         self.record(index, phase, attempt, kind, http_status, Some(detail));
         if kind != EntryKind::Succeeded {
@@ -1009,7 +1009,10 @@ impl Run {
                 }
                 Err(err) => {
                     // Nothing happens until the transition is durable: wait for the store.
-                    tracing::warn!("saga {}: cannot write to the store ({err}); retrying", self.id);
+                    tracing::warn!(
+                        "saga {}: cannot write to the store ({err}); retrying",
+                        self.id
+                    );
                     tokio::select! {
                         () = self.cancel.cancelled() => return Err(Halt::Stopped),
                         () = tokio::time::sleep(delay) => {}
@@ -1073,7 +1076,8 @@ impl Run {
     }
 
     fn timed_out(&self) -> bool {
-        self.deadline_ms.is_some_and(|deadline| now_ms() >= deadline)
+        self.deadline_ms
+            .is_some_and(|deadline| now_ms() >= deadline)
     }
 
     fn timeout_error(&self, index: usize) -> SagaError {
@@ -1093,11 +1097,9 @@ impl Run {
     /// Waits before a retry; forward waits end at the deadline.
     async fn sleep(&self, delay: Duration, forward: bool) -> Result<(), Halt> {
         let delay = match (forward, self.deadline_ms) {
-            (true, Some(deadline)) => {
-                delay.min(Duration::from_millis(
-                    u64::try_from(deadline - now_ms()).unwrap_or(0),
-                ))
-            }
+            (true, Some(deadline)) => delay.min(Duration::from_millis(
+                u64::try_from(deadline - now_ms()).unwrap_or(0),
+            )),
             _ => delay,
         };
         tokio::select! {
