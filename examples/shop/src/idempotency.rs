@@ -376,10 +376,7 @@ struct ClaimGuard {
 impl ClaimGuard {
     async fn release_now(&mut self) {
         if let Some(key) = self.key.take() {
-            let outcome = self
-                .db
-                .call(move |conn| Ok(release(conn, &key)?))
-                .await;
+            let outcome = self.db.call(move |conn| Ok(release(conn, &key)?)).await;
             if let Err(problem) = outcome {
                 eprintln!("could not give up an idempotency claim: {problem}");
             }

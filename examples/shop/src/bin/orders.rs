@@ -862,11 +862,16 @@ fn no_order(id: &str) -> Problem {
     Problem::not_found(format!("no order {id}"))
 }
 
-const ORDER_COLUMNS: &str = "SELECT id, customer, total_cents, status, reason, created_at FROM orders";
+const ORDER_COLUMNS: &str =
+    "SELECT id, customer, total_cents, status, reason, created_at FROM orders";
 
 fn find_order(conn: &Connection, id: &str) -> rusqlite::Result<Option<Order>> {
     let order = conn
-        .query_row(&format!("{ORDER_COLUMNS} WHERE id = ?1"), [id], order_from_row)
+        .query_row(
+            &format!("{ORDER_COLUMNS} WHERE id = ?1"),
+            [id],
+            order_from_row,
+        )
         .optional()?;
     order.map(|order| with_items(conn, order)).transpose()
 }

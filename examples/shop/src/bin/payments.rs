@@ -172,7 +172,9 @@ async fn void(
     let authorization = db
         .call(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut authorization = find(&tx, By::Id, &id)?.pop().ok_or_else(|| not_found(&id))?;
+            let mut authorization = find(&tx, By::Id, &id)?
+                .pop()
+                .ok_or_else(|| not_found(&id))?;
             if authorization.status != VOIDED {
                 tx.execute(
                     "UPDATE authorizations SET status = ?2 WHERE id = ?1",

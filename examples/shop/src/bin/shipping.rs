@@ -9,8 +9,8 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flotilla_shop::{
-    BoxError, Db, JsonBody, PathParam, Problem, QueryParam, exit_code, idempotent, located,
-    new_id, serve,
+    BoxError, Db, JsonBody, PathParam, Problem, QueryParam, exit_code, idempotent, located, new_id,
+    serve,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
