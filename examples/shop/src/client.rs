@@ -34,6 +34,9 @@ pub fn trace_headers(incoming: &HeaderMap) -> HeaderMap {
 
 /// Another service, as seen from here: its name, its base URL and an HTTP client with a timeout.
 ///
+/// Every call takes the headers to send along: the tracing headers of the request that caused it
+/// ([`trace_headers`]), plus any of the call's own such as an `Idempotency-Key`.
+///
 /// The client keeps reqwest's default of honouring `HTTP_PROXY`, which is how a call to
 /// `http://inventory/...` reaches the sidecar; cloning is cheap enough to hand one to a task.
 #[derive(Clone)]
@@ -91,6 +94,18 @@ impl Dependency {
         trace: &HeaderMap,
     ) -> Result<T, CallError> {
         self.call(Method::GET, segments, trace, |request| request)
+            .await
+    }
+
+    /// `GET` the JSON resource at `segments` with the query string `query`, such as
+    /// `?wait=10s` on a long poll (the dependency's timeout must exceed the wait).
+    pub async fn get_query<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        trace: &HeaderMap,
+    ) -> Result<T, CallError> {
+        self.call(Method::GET, segments, trace, |request| request.query(query))
             .await
     }
 

@@ -5,9 +5,12 @@
 //! the same error shape (RFC 7807 problem+json), so the four binaries only hold their own logic.
 //! A service that calls others does so through a [`Dependency`] each, which forwards the tracing
 //! headers, bounds every call in time and turns failures into problems naming the dependency.
+//! Every mutating route keeps the `Idempotency-Key` contract through [`idempotent`], so that a
+//! caller's retry (the saga orchestrator's above all) never does a step twice.
 
 mod client;
 mod db;
+pub mod idempotency;
 mod problem;
 mod server;
 
@@ -21,7 +24,8 @@ use serde::Serialize;
 
 pub use client::{CallError, Dependency, trace_headers};
 pub use db::{Db, data_dir, open_db};
-pub use problem::{JsonBody, PathParam, Problem};
+pub use idempotency::idempotent;
+pub use problem::{JsonBody, PathParam, Problem, QueryParam};
 pub use server::serve;
 
 /// The error type of start-up code, where anything that fails ends the process.

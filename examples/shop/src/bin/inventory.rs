@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use flotilla_shop::{
-    BoxError, Db, JsonBody, PathParam, Problem, exit_code, located, new_id, serve,
+    BoxError, Db, JsonBody, PathParam, Problem, QueryParam, exit_code, idempotent, located, new_id,
+    serve,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
@@ -61,16 +62,17 @@ async fn main() -> ExitCode {
 async fn run() -> Result<(), BoxError> {
     let db = Db::open("inventory.db", SCHEMA)?;
     db.blocking(seed)?;
-    serve(SERVICE, router(db)).await
+    serve(SERVICE, router(db)?).await
 }
 
-fn router(db: Db) -> Router {
-    Router::new()
+fn router(db: Db) -> Result<Router, BoxError> {
+    let routes = Router::new()
         .route("/stock", get(list_stock))
         .route("/stock/{sku}", get(get_stock))
-        .route("/reservations", post(reserve))
+        .route("/reservations", get(list_reservations).post(reserve))
         .route("/reservations/{id}", get(get_reservation).delete(release))
-        .with_state(db)
+        .with_state(db.clone());
+    idempotent(routes, &db)
 }
 
 /// Stocks the shelves on the very first start only, so restocking or selling out survives
@@ -261,6 +263,23 @@ fn reserve_stock(
     }
     tx.commit()?;
     Ok((StatusCode::CREATED, reservation))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    order_id: String,
+}
+
+/// `?order_id=X`: the order's reservation as a list of zero or one, so that "none" is an
+/// ordinary answer rather than a 404.
+async fn list_reservations(
+    State(db): State<Db>,
+    QueryParam(query): QueryParam<ListQuery>,
+) -> Result<Json<Vec<Reservation>>, Problem> {
+    let reservations = db
+        .call(move |conn| Ok(find_reservation(conn, By::OrderId, &query.order_id)?))
+        .await?;
+    Ok(Json(reservations.into_iter().collect()))
 }
 
 async fn get_reservation(

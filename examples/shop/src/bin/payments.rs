@@ -1,4 +1,5 @@
-//! payments: authorizes a payment per order, up to a fixed limit, and refunds it.
+//! payments: authorizes an amount per order, up to a fixed limit, and voids the authorization
+//! when the order is called off (the `place-order` saga's compensation of `authorize-payment`).
 
 use std::process::ExitCode;
 
@@ -8,17 +9,18 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flotilla_shop::{
-    BoxError, Db, JsonBody, PathParam, Problem, exit_code, from_cents, located, new_id, serve,
-    to_cents,
+    BoxError, Db, JsonBody, PathParam, Problem, QueryParam, exit_code, from_cents, idempotent,
+    located, new_id, serve, to_cents,
 };
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 const SERVICE: &str = "payments";
 
 const SCHEMA: &str = "
-    CREATE TABLE IF NOT EXISTS payments (
-        id           TEXT PRIMARY KEY,
+    CREATE TABLE IF NOT EXISTS authorizations (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT NOT NULL UNIQUE,
         order_id     TEXT NOT NULL UNIQUE,
         amount_cents INTEGER NOT NULL,
         status       TEXT NOT NULL
@@ -29,8 +31,12 @@ const SCHEMA: &str = "
 /// a declined payment is easy to provoke.
 const LIMIT: i64 = 1000;
 
+/// An authorization's life: `authorized`, then possibly `voided`, for good.
 const AUTHORIZED: &str = "authorized";
-const REFUNDED: &str = "refunded";
+const VOIDED: &str = "voided";
+
+/// The most authorizations one listing returns.
+const LIST_LIMIT: i64 = 100;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -39,25 +45,26 @@ async fn main() -> ExitCode {
 
 async fn run() -> Result<(), BoxError> {
     let db = Db::open("payments.db", SCHEMA)?;
-    serve(SERVICE, router(db)).await
+    serve(SERVICE, router(db)?).await
 }
 
-fn router(db: Db) -> Router {
-    Router::new()
-        .route("/payments", post(authorize))
-        .route("/payments/{id}", get(get_payment))
-        .route("/payments/{id}/refund", post(refund))
-        .with_state(db)
+fn router(db: Db) -> Result<Router, BoxError> {
+    let routes = Router::new()
+        .route("/authorizations", get(list).post(authorize))
+        .route("/authorizations/{id}", get(get_authorization))
+        .route("/authorizations/{id}/void", post(void))
+        .with_state(db.clone());
+    idempotent(routes, &db)
 }
 
 #[derive(Debug, Deserialize)]
-struct NewPayment {
+struct NewAuthorization {
     order_id: String,
     amount: f64,
 }
 
 #[derive(Debug, Serialize)]
-struct Payment {
+struct Authorization {
     id: String,
     order_id: String,
     amount: f64,
@@ -68,7 +75,7 @@ struct Payment {
 /// above the limit (nothing is stored, so a corrected retry may pass).
 async fn authorize(
     State(db): State<Db>,
-    JsonBody(req): JsonBody<NewPayment>,
+    JsonBody(req): JsonBody<NewAuthorization>,
 ) -> Result<Response, Problem> {
     if req.order_id.trim().is_empty() {
         return Err(Problem::unprocessable("order_id must not be empty"));
@@ -82,21 +89,21 @@ async fn authorize(
     }
     // Only an absurdly large amount has no cents value, and the limit declines it all the same.
     let cents = to_cents(req.amount).unwrap_or(i64::MAX);
-    let (status, payment) = db
-        .call(move |conn| authorize_payment(conn, req.order_id, cents))
+    let (status, authorization) = db
+        .call(move |conn| authorize_amount(conn, req.order_id, cents))
         .await?;
-    let location = format!("/payments/{}", payment.id);
-    Ok(located(status, location, payment))
+    let location = format!("/authorizations/{}", authorization.id);
+    Ok(located(status, location, authorization))
 }
 
-fn authorize_payment(
+fn authorize_amount(
     conn: &mut Connection,
     order_id: String,
     cents: i64,
-) -> Result<(StatusCode, Payment), Problem> {
+) -> Result<(StatusCode, Authorization), Problem> {
     // Immediate, so that two replicas handling a retried request cannot both insert.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    if let Some(existing) = find_payment(&tx, By::OrderId, &order_id)? {
+    if let Some(existing) = find(&tx, By::OrderId, &order_id)?.pop() {
         return Ok((StatusCode::OK, existing));
     }
     if cents > LIMIT * 100 {
@@ -105,76 +112,109 @@ fn authorize_payment(
             format!("payment declined: amount exceeds the limit of {LIMIT}"),
         ));
     }
-    let payment = Payment {
-        id: new_id("pay"),
+    let authorization = Authorization {
+        id: new_id("auth"),
         order_id,
         amount: from_cents(cents),
         status: AUTHORIZED.to_owned(),
     };
     tx.execute(
-        "INSERT INTO payments (id, order_id, amount_cents, status) VALUES (?1, ?2, ?3, ?4)",
-        params![payment.id, payment.order_id, cents, payment.status],
+        "INSERT INTO authorizations (id, order_id, amount_cents, status) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            authorization.id,
+            authorization.order_id,
+            cents,
+            authorization.status
+        ],
     )?;
     tx.commit()?;
-    Ok((StatusCode::CREATED, payment))
+    Ok((StatusCode::CREATED, authorization))
 }
 
-async fn get_payment(
-    State(db): State<Db>,
-    PathParam(id): PathParam<String>,
-) -> Result<Json<Payment>, Problem> {
-    let payment = db
-        .call(move |conn| find_payment(conn, By::Id, &id)?.ok_or_else(|| no_payment(&id)))
-        .await?;
-    Ok(Json(payment))
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    order_id: Option<String>,
 }
 
-/// Refunding again changes nothing and answers the same.
-async fn refund(
+/// `?order_id=X`: the order's authorization, if any (a list of zero or one); without it, the
+/// latest authorizations, most recent first.
+async fn list(
     State(db): State<Db>,
-    PathParam(id): PathParam<String>,
-) -> Result<Json<Payment>, Problem> {
-    let payment = db
+    QueryParam(query): QueryParam<ListQuery>,
+) -> Result<Json<Vec<Authorization>>, Problem> {
+    let authorizations = db
         .call(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut payment = find_payment(&tx, By::Id, &id)?.ok_or_else(|| no_payment(&id))?;
-            if payment.status != REFUNDED {
-                tx.execute(
-                    "UPDATE payments SET status = ?2 WHERE id = ?1",
-                    params![id, REFUNDED],
-                )?;
-                tx.commit()?;
-                payment.status = REFUNDED.to_owned();
-            }
-            Ok(payment)
+            Ok(match query.order_id {
+                Some(order_id) => find(conn, By::OrderId, &order_id)?,
+                None => find(conn, By::Latest, "")?,
+            })
         })
         .await?;
-    Ok(Json(payment))
+    Ok(Json(authorizations))
+}
+
+async fn get_authorization(
+    State(db): State<Db>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Authorization>, Problem> {
+    let authorization = db
+        .call(move |conn| find(conn, By::Id, &id)?.pop().ok_or_else(|| not_found(&id)))
+        .await?;
+    Ok(Json(authorization))
+}
+
+/// Releases the authorized amount: `authorized` -> `voided`. Voiding again changes nothing and
+/// answers the same, so the saga may retry its compensation freely.
+async fn void(
+    State(db): State<Db>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Authorization>, Problem> {
+    let authorization = db
+        .call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut authorization = find(&tx, By::Id, &id)?
+                .pop()
+                .ok_or_else(|| not_found(&id))?;
+            if authorization.status != VOIDED {
+                tx.execute(
+                    "UPDATE authorizations SET status = ?2 WHERE id = ?1",
+                    params![id, VOIDED],
+                )?;
+                tx.commit()?;
+                authorization.status = VOIDED.to_owned();
+            }
+            Ok(authorization)
+        })
+        .await?;
+    Ok(Json(authorization))
 }
 
 enum By {
     Id,
     OrderId,
+    Latest,
 }
 
-fn find_payment(conn: &Connection, by: By, key: &str) -> rusqlite::Result<Option<Payment>> {
-    let sql = match by {
-        By::Id => "SELECT id, order_id, amount_cents, status FROM payments WHERE id = ?1",
-        By::OrderId => {
-            "SELECT id, order_id, amount_cents, status FROM payments WHERE order_id = ?1"
-        }
+fn find(conn: &Connection, by: By, key: &str) -> rusqlite::Result<Vec<Authorization>> {
+    const COLUMNS: &str = "SELECT id, order_id, amount_cents, status FROM authorizations";
+    let mut stmt = match by {
+        By::Id => conn.prepare_cached(&format!("{COLUMNS} WHERE id = ?1"))?,
+        By::OrderId => conn.prepare_cached(&format!("{COLUMNS} WHERE order_id = ?1"))?,
+        By::Latest => conn.prepare_cached(&format!(
+            "{COLUMNS} WHERE ?1 = '' ORDER BY seq DESC LIMIT {LIST_LIMIT}"
+        ))?,
     };
-    conn.query_row(sql, [key], |row| {
-        Ok(Payment {
+    stmt.query_map([key], |row| {
+        Ok(Authorization {
             id: row.get(0)?,
             order_id: row.get(1)?,
             amount: from_cents(row.get(2)?),
             status: row.get(3)?,
         })
-    })
-    .optional()
+    })?
+    .collect()
 }
 
-fn no_payment(id: &str) -> Problem {
-    Problem::not_found(format!("no payment {id}"))
+fn not_found(id: &str) -> Problem {
+    Problem::not_found(format!("no authorization {id}"))
 }

@@ -9,7 +9,8 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flotilla_shop::{
-    BoxError, Db, JsonBody, PathParam, Problem, exit_code, located, new_id, serve,
+    BoxError, Db, JsonBody, PathParam, Problem, QueryParam, exit_code, idempotent, located, new_id,
+    serve,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
@@ -36,15 +37,16 @@ async fn main() -> ExitCode {
 
 async fn run() -> Result<(), BoxError> {
     let db = Db::open("shipping.db", SCHEMA)?;
-    serve(SERVICE, router(db)).await
+    serve(SERVICE, router(db)?).await
 }
 
-fn router(db: Db) -> Router {
-    Router::new()
-        .route("/shipments", post(create))
+fn router(db: Db) -> Result<Router, BoxError> {
+    let routes = Router::new()
+        .route("/shipments", get(list_shipments).post(create))
         .route("/shipments/{id}", get(get_shipment).delete(cancel))
         .route("/events/order-confirmed", post(order_confirmed))
-        .with_state(db)
+        .with_state(db.clone());
+    idempotent(routes, &db)
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +101,22 @@ async fn create(
         .await?;
     let location = format!("/shipments/{}", shipment.id);
     Ok(located(status, location, shipment))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    order_id: String,
+}
+
+/// `?order_id=X`: the order's shipment as a list of zero or one.
+async fn list_shipments(
+    State(db): State<Db>,
+    QueryParam(query): QueryParam<ListQuery>,
+) -> Result<Json<Vec<Shipment>>, Problem> {
+    let shipments = db
+        .call(move |conn| Ok(find_shipment(conn, By::OrderId, &query.order_id)?))
+        .await?;
+    Ok(Json(shipments.into_iter().collect()))
 }
 
 async fn get_shipment(

@@ -74,7 +74,117 @@ async fn reserves_and_releases_stock() {
     assert_eq!(stock(&client, &inventory, "ESPRESSO-005").await, (5, 0));
 
     let (status, fetched) = json(client.get(&url).send().await.unwrap()).await;
-    assert_eq!((status, fetched), (StatusCode::OK, released));
+    assert_eq!((status, &fetched), (StatusCode::OK, &released));
+
+    let url = inventory.url("/reservations?order_id=ord_1");
+    let (status, listed) = json(client.get(url).send().await.unwrap()).await;
+    assert_eq!((status, listed), (StatusCode::OK, json!([released])));
+    let url = inventory.url("/reservations?order_id=ord_none");
+    let (status, listed) = json(client.get(url).send().await.unwrap()).await;
+    assert_eq!((status, listed), (StatusCode::OK, json!([])));
+    let response = client
+        .get(inventory.url("/reservations"))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::BAD_REQUEST).await;
+}
+
+#[tokio::test]
+async fn reserves_once_per_idempotency_key() {
+    let data = data_dir();
+    let inventory = Service::start("inventory", data.path(), &[]).await;
+    let client = client();
+    let send = |method: reqwest::Method, path: String, key: &'static str| {
+        client
+            .request(method, inventory.url(&path))
+            .header("idempotency-key", key)
+    };
+
+    let order = json!({ "order_id": "ord_1", "items": [{ "sku": "ESPRESSO-005", "qty": 2 }] });
+    let first = send(
+        reqwest::Method::POST,
+        "/reservations".into(),
+        "sg_1/reserve-stock/action",
+    )
+    .json(&order)
+    .send()
+    .await
+    .unwrap();
+    let location = first.headers()["location"].clone();
+    let (status, reservation) = json(first).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // The saga's retry: the very first answer (201, not the 200 of a second reservation
+    // request), its Location, and no more stock taken.
+    let again = send(
+        reqwest::Method::POST,
+        "/reservations".into(),
+        "sg_1/reserve-stock/action",
+    )
+    .json(&order)
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["location"], location);
+    assert_eq!(again.headers()["content-type"], "application/json");
+    assert_eq!(
+        json(again).await,
+        (StatusCode::CREATED, reservation.clone())
+    );
+    assert_eq!(stock(&client, &inventory, "ESPRESSO-005").await, (3, 2));
+
+    // Another key is another request: another order reserves its own.
+    let other = json!({ "order_id": "ord_2", "items": [{ "sku": "ESPRESSO-005", "qty": 1 }] });
+    let response = send(
+        reqwest::Method::POST,
+        "/reservations".into(),
+        "sg_2/reserve-stock/action",
+    )
+    .json(&other)
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(stock(&client, &inventory, "ESPRESSO-005").await, (2, 3));
+
+    // The same key for another method and path is refused, and changes nothing.
+    let id = reservation["id"].as_str().unwrap();
+    let response = send(
+        reqwest::Method::DELETE,
+        format!("/reservations/{id}"),
+        "sg_1/reserve-stock/action",
+    )
+    .send()
+    .await
+    .unwrap();
+    let detail = problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert!(detail.contains("POST /reservations"), "{detail}");
+    assert_eq!(stock(&client, &inventory, "ESPRESSO-005").await, (2, 3));
+
+    // The compensation with its own key releases once; reads ignore keys.
+    for _ in 0..2 {
+        let response = send(
+            reqwest::Method::DELETE,
+            format!("/reservations/{id}"),
+            "sg_1/reserve-stock/compensate",
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(stock(&client, &inventory, "ESPRESSO-005").await, (4, 1));
+    let response = send(
+        reqwest::Method::GET,
+        "/stock/TEA-001".into(),
+        "sg_1/reserve-stock/action",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
 }
 
 #[tokio::test]

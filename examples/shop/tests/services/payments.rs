@@ -5,7 +5,7 @@ use crate::common::{Service, client, data_dir, json, post_raw, problem};
 
 async fn pay(client: &Client, payments: &Service, body: Value) -> reqwest::Response {
     client
-        .post(payments.url("/payments"))
+        .post(payments.url("/authorizations"))
         .json(&body)
         .send()
         .await
@@ -13,7 +13,7 @@ async fn pay(client: &Client, payments: &Service, body: Value) -> reqwest::Respo
 }
 
 #[tokio::test]
-async fn authorizes_and_refunds() {
+async fn authorizes_and_voids() {
     let data = data_dir();
     let payments = Service::start("payments", data.path(), &[]).await;
     let client = client();
@@ -24,7 +24,8 @@ async fn authorizes_and_refunds() {
     let (status, payment) = json(response).await;
     assert_eq!(status, StatusCode::CREATED);
     let id = payment["id"].as_str().expect("an id").to_owned();
-    assert_eq!(location, format!("/payments/{id}"));
+    assert_eq!(location, format!("/authorizations/{id}"));
+    assert!(id.starts_with("auth_"), "{id}");
     assert_eq!(
         payment,
         json!({ "id": id, "order_id": "ord_1", "amount": 43.5, "status": "authorized" })
@@ -33,18 +34,78 @@ async fn authorizes_and_refunds() {
     let (status, again) = json(pay(&client, &payments, body).await).await;
     assert_eq!((status, &again), (StatusCode::OK, &payment));
 
-    let refund_url = payments.url(&format!("/payments/{id}/refund"));
-    let (status, refunded) = json(client.post(&refund_url).send().await.unwrap()).await;
+    let void_url = payments.url(&format!("/authorizations/{id}/void"));
+    let (status, voided) = json(client.post(&void_url).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(refunded["status"], "refunded");
-    assert_eq!(refunded["amount"], json!(43.5));
+    assert_eq!(voided["status"], "voided");
+    assert_eq!(voided["amount"], json!(43.5));
 
-    let (status, again) = json(client.post(&refund_url).send().await.unwrap()).await;
-    assert_eq!((status, &again), (StatusCode::OK, &refunded));
+    let (status, again) = json(client.post(&void_url).send().await.unwrap()).await;
+    assert_eq!((status, &again), (StatusCode::OK, &voided));
 
-    let url = payments.url(&format!("/payments/{id}"));
+    let url = payments.url(&format!("/authorizations/{id}"));
     let (status, fetched) = json(client.get(url).send().await.unwrap()).await;
-    assert_eq!((status, fetched), (StatusCode::OK, refunded));
+    assert_eq!((status, &fetched), (StatusCode::OK, &voided));
+
+    let url = payments.url("/authorizations?order_id=ord_1");
+    let (status, listed) = json(client.get(url).send().await.unwrap()).await;
+    assert_eq!((status, listed), (StatusCode::OK, json!([voided])));
+    let url = payments.url("/authorizations?order_id=ord_none");
+    let (status, listed) = json(client.get(url).send().await.unwrap()).await;
+    assert_eq!((status, listed), (StatusCode::OK, json!([])));
+}
+
+#[tokio::test]
+async fn replays_the_first_answer_to_a_repeated_key() {
+    let data = data_dir();
+    let payments = Service::start("payments", data.path(), &[]).await;
+    let client = client();
+    let authorize = |key: &str, body: Value| {
+        client
+            .post(payments.url("/authorizations"))
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+
+    // Two replicas of the saga's call racing: one authorization, one answer.
+    let key = "sg_1/authorize-payment/action";
+    let body = json!({ "order_id": "ord_1", "amount": 10 });
+    let (first, second) = tokio::join!(authorize(key, body.clone()), authorize(key, body));
+    let (first, second) = (json(first.unwrap()).await, json(second.unwrap()).await);
+    assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
+    assert_eq!(first, second);
+    let (_, listed) = json(
+        client
+            .get(payments.url("/authorizations"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(listed, json!([first.1]));
+
+    // A refusal is an answer too: replayed, even when the body now asks for less.
+    let key = "sg_2/authorize-payment/action";
+    let declined = authorize(key, json!({ "order_id": "ord_2", "amount": 5000 }));
+    problem(declined.await.unwrap(), StatusCode::PAYMENT_REQUIRED).await;
+    let again = authorize(key, json!({ "order_id": "ord_2", "amount": 50 }))
+        .await
+        .unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    problem(again, StatusCode::PAYMENT_REQUIRED).await;
+    // A new key is a new request.
+    let other = authorize(
+        "sg_3/authorize-payment/action",
+        json!({ "order_id": "ord_2", "amount": 50 }),
+    );
+    assert_eq!(other.await.unwrap().status(), StatusCode::CREATED);
+
+    let long = "k".repeat(256);
+    let response = authorize(&long, json!({ "order_id": "ord_3", "amount": 1 }))
+        .await
+        .unwrap();
+    problem(response, StatusCode::BAD_REQUEST).await;
 }
 
 #[tokio::test]
@@ -113,23 +174,23 @@ async fn rejects_bad_requests() {
         problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
     }
 
-    let response = post_raw(&client, payments.url("/payments"), "not json").await;
+    let response = post_raw(&client, payments.url("/authorizations"), "not json").await;
     problem(response, StatusCode::BAD_REQUEST).await;
 
     let response = client
-        .post(payments.url("/payments/pay_nope/refund"))
+        .post(payments.url("/authorizations/auth_nope/void"))
         .send()
         .await
         .unwrap();
     problem(response, StatusCode::NOT_FOUND).await;
     let response = client
-        .get(payments.url("/payments/pay_nope"))
+        .get(payments.url("/authorizations/auth_nope"))
         .send()
         .await
         .unwrap();
     problem(response, StatusCode::NOT_FOUND).await;
     let response = client
-        .get(payments.url("/payments/pay_nope/refund"))
+        .get(payments.url("/authorizations/auth_nope/void"))
         .send()
         .await
         .unwrap();

@@ -40,7 +40,14 @@ async fn creates_and_cancels_shipments() {
     let (status, again) = json(client.delete(&url).send().await.unwrap()).await;
     assert_eq!((status, &again), (StatusCode::OK, &cancelled));
     let (status, fetched) = json(client.get(&url).send().await.unwrap()).await;
-    assert_eq!((status, fetched), (StatusCode::OK, cancelled));
+    assert_eq!((status, &fetched), (StatusCode::OK, &cancelled));
+
+    let url = shipping.url("/shipments?order_id=ord_1");
+    let (status, listed) = json(client.get(url).send().await.unwrap()).await;
+    assert_eq!((status, listed), (StatusCode::OK, json!([cancelled])));
+    let url = shipping.url("/shipments?order_id=ord_none");
+    let (status, listed) = json(client.get(url).send().await.unwrap()).await;
+    assert_eq!((status, listed), (StatusCode::OK, json!([])));
 
     // The address is optional.
     let response = client
