@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod events;
+pub mod sagas;
 mod health;
 mod observe;
 mod openapi;
@@ -89,6 +90,10 @@ pub trait Fleet: Send + Sync + 'static {
     fn events(&self) -> Option<Arc<flotilla_events::engine::Events>> {
         None
     }
+    /// The saga orchestrator, when the app declares sagas.
+    fn sagas(&self) -> Option<flotilla_saga::engine::Orchestrator> {
+        None
+    }
 }
 
 /// Why faults could not be set or cleared.
@@ -127,6 +132,8 @@ pub fn router(fleet: Arc<dyn Fleet>) -> axum::Router {
         )
         .route("/v1/topics/{topic}/replay", post(events::replay))
         .route("/v1/topics/{topic}/redrive", post(events::redrive))
+        .route("/v1/sagas", get(sagas::list))
+        .route("/v1/sagas/{key}", get(sagas::get).post(sagas::start))
         .route("/v1/traces", get(observe::traces))
         .route("/v1/traces/{id}", get(observe::trace))
         .route("/v1/health", get(observe::health))

@@ -43,6 +43,76 @@ pub enum Command {
     Publish(PublishArgs),
     /// Show topics, partitions, offsets, subscribers' lag and dead letters; tail, replay, redrive
     Events(EventsArgs),
+    /// Start sagas, list them, and show a saga's timeline of steps and compensations
+    Saga(SagaArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SagaArgs {
+    #[command(subcommand)]
+    pub command: SagaCommand,
+    /// JSON instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SagaCommand {
+    /// Start a saga declared as [sagas.NAME]
+    Start {
+        name: String,
+        /// The input: a JSON file, `-` for stdin, or JSON itself (default `{}`)
+        input: Option<String>,
+        /// An idempotency key: starting again with it returns the first saga
+        #[arg(long)]
+        key: Option<String>,
+        /// Wait up to this long for the saga to finish, then show it (exit status 1 unless it
+        /// completed)
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        wait: Option<Duration>,
+    },
+    /// Show a saga's timeline: each step and compensation with status, attempts, duration, error
+    Show {
+        id: String,
+        /// Wait up to this long for the saga to finish first
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        wait: Option<Duration>,
+    },
+    /// List sagas, newest first
+    List {
+        /// Only sagas in this state
+        #[arg(long, value_enum)]
+        status: Option<SagaStatusArg>,
+        /// Only sagas of this name
+        #[arg(long)]
+        name: Option<String>,
+        /// At most this many
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SagaStatusArg {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    Failed,
+}
+
+impl SagaStatusArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SagaStatusArg::Running => "running",
+            SagaStatusArg::Compensating => "compensating",
+            SagaStatusArg::Completed => "completed",
+            SagaStatusArg::Compensated => "compensated",
+            SagaStatusArg::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -117,11 +117,25 @@ impl Control {
         content_type: &str,
         body: Vec<u8>,
     ) -> Result<T> {
-        let request = self
+        self.post_with_headers(path, content_type, body, None).await
+    }
+
+    /// Like [`Control::post_body`], with one extra header when given.
+    pub async fn post_with_headers<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        header: Option<(&str, &str)>,
+    ) -> Result<T> {
+        let mut request = self
             .http
             .post(self.url(path))
             .header("content-type", content_type)
             .body(body);
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
         self.json(path, request).await
     }
 

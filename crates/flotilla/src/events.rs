@@ -61,14 +61,15 @@ pub async fn open_broker(manifest: &Manifest, state_dir: &Path) -> Result<Arc<dy
     })
 }
 
-/// Creates the topics and starts delivering to the subscriptions.
+/// Creates the topics and starts delivering to the subscriptions (and to the sagas' triggers).
 pub async fn start<D: Discovery>(
     manifest: &Manifest,
     broker: Arc<dyn Broker>,
     discovery: Arc<D>,
     resilience: Resilience,
+    triggers: Arc<crate::sagas::Triggers>,
 ) -> Result<Arc<Events>> {
-    let topics = manifest
+    let mut topics: Vec<TopicConfig> = manifest
         .topics
         .iter()
         .map(|topic| TopicConfig {
@@ -78,7 +79,20 @@ pub async fn start<D: Discovery>(
             max_bytes: topic.max_bytes,
         })
         .collect();
-    let subscribers = manifest
+    // Sagas announce their outcomes whether or not the manifest declares those topics.
+    if !manifest.sagas.sagas.is_empty() {
+        for name in crate::sagas::OUTCOME_TOPICS {
+            if !topics.iter().any(|t| t.name == name) {
+                topics.push(TopicConfig {
+                    name: name.to_owned(),
+                    partitions: 1,
+                    retention: Some(std::time::Duration::from_secs(7 * 24 * 3600)),
+                    max_bytes: None,
+                });
+            }
+        }
+    }
+    let mut subscribers: Vec<Subscriber> = manifest
         .subscriptions
         .iter()
         .map(|s| Subscriber {
@@ -90,7 +104,8 @@ pub async fn start<D: Discovery>(
             max_backoff: s.max_backoff,
         })
         .collect();
-    let pusher = Arc::new(ProxyPusher::new(discovery, resilience));
+    subscribers.extend(crate::sagas::trigger_subscribers(manifest));
+    let pusher = Arc::new(ProxyPusher::new(discovery, resilience, triggers));
     Events::start(
         broker,
         topics,
@@ -102,27 +117,40 @@ pub async fn start<D: Discovery>(
     .context("cannot create the topics")
 }
 
-type PushStack = tower::util::BoxCloneSyncService<
+/// The proxy stack Flotilla's own calls to services go through (event deliveries, saga steps).
+pub type FlotillaStack = tower::util::BoxCloneSyncService<
     Request<Full<Bytes>>,
     http::Response<flotilla_proxy::ProxyBody>,
     std::convert::Infallible,
 >;
 
-/// Deliveries through the shared proxy stack.
+/// Calls from Flotilla itself, under the caller name `flotilla`, with the callee's policy.
+pub fn flotilla_stack<D: Discovery>(discovery: Arc<D>, resilience: Resilience) -> FlotillaStack {
+    let caller = Caller {
+        service: BROKER_CALLER.into(),
+        instance: BROKER_CALLER.into(),
+    };
+    let layer = ResilienceLayer::new(discovery, resilience, caller);
+    let stack = flotilla_proxy::stack_with_edge(layer, ProxySettings::sidecar(), PresetTarget);
+    tower::util::BoxCloneSyncService::new(stack)
+}
+
+/// Deliveries through the shared proxy stack; deliveries to `flotilla` itself (saga triggers)
+/// are handed to the orchestrator in process.
 struct ProxyPusher {
-    stack: PushStack,
+    stack: FlotillaStack,
+    triggers: Arc<crate::sagas::Triggers>,
 }
 
 impl ProxyPusher {
-    fn new<D: Discovery>(discovery: Arc<D>, resilience: Resilience) -> Self {
-        let caller = Caller {
-            service: BROKER_CALLER.into(),
-            instance: BROKER_CALLER.into(),
-        };
-        let layer = ResilienceLayer::new(discovery, resilience, caller);
-        let stack = flotilla_proxy::stack_with_edge(layer, ProxySettings::sidecar(), PresetTarget);
+    fn new<D: Discovery>(
+        discovery: Arc<D>,
+        resilience: Resilience,
+        triggers: Arc<crate::sagas::Triggers>,
+    ) -> Self {
         Self {
-            stack: tower::util::BoxCloneSyncService::new(stack),
+            stack: flotilla_stack(discovery, resilience),
+            triggers,
         }
     }
 }
@@ -139,6 +167,9 @@ impl Pusher for ProxyPusher {
         traceparent: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            if crate::sagas::Triggers::is_trigger(service) {
+                return self.triggers.deliver(path, &event, traceparent).await;
+            }
             let mut request = Request::post(path)
                 .header(
                     header::CONTENT_TYPE,

@@ -32,6 +32,8 @@ pub struct RunningFleet {
     pub telemetry: Telemetry,
     /// Topics, subscriptions and their deliveries.
     pub events: Arc<flotilla_events::engine::Events>,
+    /// The saga orchestrator, when the app declares sagas.
+    pub sagas: Option<flotilla_saga::engine::Orchestrator>,
     pub gateway_url: String,
     pub control_url: String,
     pub started_at: SystemTime,
@@ -173,10 +175,17 @@ impl Fleet for RunningFleet {
     fn render_pipeline_metrics(&self, out: &mut Exposition) {
         self.telemetry.render(out);
         render_events(&self.events.snapshot(), out);
+        if let Some(sagas) = &self.sagas {
+            render_sagas(&sagas.metrics(), out);
+        }
     }
 
     fn events(&self) -> Option<Arc<flotilla_events::engine::Events>> {
         Some(self.events.clone())
+    }
+
+    fn sagas(&self) -> Option<flotilla_saga::engine::Orchestrator> {
+        self.sagas.clone()
     }
 
     fn dependencies(&self) -> Vec<(String, String)> {
@@ -265,5 +274,54 @@ fn render_events(topics: &[flotilla_events::engine::TopicOverview], out: &mut Ex
         for topic in topics {
             out.sample("", &[("topic", topic.topic.as_str())], value(topic) as f64);
         }
+    }
+}
+
+fn render_sagas(metrics: &flotilla_saga::engine::SagaMetrics, out: &mut Exposition) {
+    use flotilla_telemetry::MetricType;
+    out.family(
+        "flotilla_sagas_started_total",
+        "Sagas this orchestrator started.",
+        MetricType::Counter,
+    );
+    for (saga, count) in &metrics.started {
+        out.sample("", &[("saga", saga.as_str())], *count as f64);
+    }
+    out.family(
+        "flotilla_sagas_finished_total",
+        "Sagas this orchestrator finished, by final status.",
+        MetricType::Counter,
+    );
+    for (saga, status, count) in &metrics.finished {
+        out.sample(
+            "",
+            &[("saga", saga.as_str()), ("status", status.as_str())],
+            *count as f64,
+        );
+    }
+    out.family(
+        "flotilla_sagas_in_progress",
+        "Sagas this orchestrator is driving now, by status.",
+        MetricType::Gauge,
+    );
+    for (status, count) in &metrics.in_progress {
+        out.sample("", &[("status", status.as_str())], *count as f64);
+    }
+    out.family(
+        "flotilla_saga_step_calls_total",
+        "Calls made by saga steps, by outcome (succeeded, failed: may be retried, refused: will not).",
+        MetricType::Counter,
+    );
+    for (saga, step, phase, outcome, count) in &metrics.calls {
+        out.sample(
+            "",
+            &[
+                ("saga", saga.as_str()),
+                ("step", step.as_str()),
+                ("phase", phase.as_str()),
+                ("outcome", outcome.as_str()),
+            ],
+            *count as f64,
+        );
     }
 }

@@ -10,6 +10,8 @@ mod fleet;
 mod logs;
 mod map;
 mod output;
+mod saga_cli;
+mod sagas;
 mod sidecar;
 mod status;
 mod telemetry;
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
             Command::Sidecar(args) => sidecar::run(args).await,
             Command::Publish(args) => topics::publish(args).await,
             Command::Events(args) => topics::run(args).await,
+            Command::Saga(args) => saga_cli::run(args).await,
         }
     });
     match result {

@@ -133,6 +133,16 @@ pub fn red(text: &str, colour: bool) -> String {
     paint(text, RED, colour)
 }
 
+/// `text` in green when `colour`.
+pub fn green(text: &str, colour: bool) -> String {
+    paint(text, GREEN, colour)
+}
+
+/// `text` in yellow when `colour`.
+pub fn yellow(text: &str, colour: bool) -> String {
+    paint(text, YELLOW, colour)
+}
+
 /// Health as a word, green, yellow or red when `colour`.
 pub fn health(status: flotilla_control::HealthStatus, colour: bool) -> String {
     use flotilla_control::HealthStatus;

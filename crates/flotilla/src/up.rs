@@ -124,8 +124,29 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     }
     announce_breakers(&resilience, &manifest, &logs);
     let broker = crate::events::open_broker(&manifest, &state_dir).await?;
-    let events =
-        crate::events::start(&manifest, broker, discovery.clone(), resilience.clone()).await?;
+    let triggers = Arc::new(crate::sagas::Triggers::default());
+    let events = crate::events::start(
+        &manifest,
+        broker,
+        discovery.clone(),
+        resilience.clone(),
+        triggers.clone(),
+    )
+    .await?;
+    let sagas = if manifest.sagas.sagas.is_empty() {
+        None
+    } else {
+        let (store, exclusive) = crate::sagas::open_store(&manifest, &state_dir).await?;
+        let orchestrator = crate::sagas::start(
+            &manifest,
+            store,
+            exclusive,
+            crate::events::flotilla_stack(discovery.clone(), resilience.clone()),
+            events.clone(),
+        );
+        triggers.set(orchestrator.clone());
+        Some(orchestrator)
+    };
     // Instances reach Flotilla's own API (publishing events) as `http://flotilla/...`.
     let sidecar_discovery = Arc::new(flotilla_sidecar::WithFlotilla::new(
         discovery.clone(),
@@ -156,6 +177,7 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         resilience: resilience.clone(),
         telemetry,
         events: events.clone(),
+        sagas: sagas.clone(),
         gateway_url: gateway_url.clone(),
         control_url: control_url.clone(),
         started_at: SystemTime::now(),
@@ -226,6 +248,10 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     let code = match outcome {
         Ok(true) => {
             fleet.set_phase(Phase::Ready);
+            // Sagas a crash interrupted resume now that the services they call are up.
+            if let Some(sagas) = &sagas {
+                sagas.resume();
+            }
             // A detached fleet's summary is printed by the `up -d` that waits for it.
             if !args.detached_child {
                 print_ready(&fleet.app(), &fleet_services(&fleet), began.elapsed());
@@ -261,6 +287,11 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     edge_stop.cancel();
     // No new deliveries to services that are about to stop; one in flight finishes or is
     // delivered again next time.
+    // Sagas stop between two transitions and give their leases up; what they were calling is
+    // called again, with the same idempotency key, when the fleet next runs.
+    if let Some(sagas) = &sagas {
+        sagas.shutdown().await;
+    }
     events.shutdown();
     supervisor.shutdown().await;
     inner_stop.cancel();

@@ -18,14 +18,13 @@
 //! compensation the service refuses cannot succeed by retrying: the saga ends `failed`.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_manifest::{Saga, SagaCall, SagaStep};
 use http::Method;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -145,6 +144,7 @@ struct Inner {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     metrics: Metrics,
+    resuming: std::sync::atomic::AtomicBool,
 }
 
 struct Driving {
@@ -191,9 +191,19 @@ impl Orchestrator {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             metrics: Metrics::default(),
+            resuming: std::sync::atomic::AtomicBool::new(false),
         });
-        inner.tasks.spawn(housekeeping(Arc::clone(&inner)));
+        inner.tasks.spawn(renewals(Arc::clone(&inner)));
         Self { inner }
+    }
+
+    /// Starts resuming unfinished sagas (all of them at once when `takeover_on_start`, then
+    /// whichever another orchestrator abandons). Separate from [`Orchestrator::start`] so that a
+    /// fleet resumes its sagas once the services they call are up, not before.
+    pub fn resume(&self) {
+        if !self.inner.resuming.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.inner.tasks.spawn(claims(Arc::clone(&self.inner)));
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn SagaStore> {
@@ -352,89 +362,75 @@ impl Orchestrator {
         }
     }
 
-    /// Prometheus text for the saga families.
-    pub fn render_metrics(&self, out: &mut String) {
+    /// Counters for the metrics endpoint, every declared saga included (at zero).
+    pub fn metrics(&self) -> SagaMetrics {
         let metrics = &self.inner.metrics;
-        let _ = writeln!(
-            out,
-            "# HELP flotilla_sagas_started_total Sagas started by this orchestrator.\n# TYPE flotilla_sagas_started_total counter"
-        );
-        let started = metrics
-            .started
+        let mut names: Vec<String> = self.inner.definitions.keys().cloned().collect();
+        names.sort();
+        let started = {
+            let started = metrics.started.lock().unwrap_or_else(PoisonError::into_inner);
+            names
+                .iter()
+                .map(|name| (name.clone(), started.get(name).copied().unwrap_or(0)))
+                .collect()
+        };
+        let finished = {
+            let finished = metrics.finished.lock().unwrap_or_else(PoisonError::into_inner);
+            names
+                .iter()
+                .flat_map(|name| {
+                    [Status::Completed, Status::Compensated, Status::Failed].map(|status| {
+                        let count = finished.get(&(name.clone(), status)).copied().unwrap_or(0);
+                        (name.clone(), status, count)
+                    })
+                })
+                .collect()
+        };
+        let mut in_progress = vec![(Status::Running, 0), (Status::Compensating, 0)];
+        for driving in self
+            .inner
+            .driving
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for name in self.inner.definitions.keys() {
-            let count = started.get(name).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "flotilla_sagas_started_total{{saga=\"{name}\"}} {count}"
-            );
-        }
-        drop(started);
-        let _ = writeln!(
-            out,
-            "# HELP flotilla_sagas_finished_total Sagas this orchestrator finished, by final status.\n# TYPE flotilla_sagas_finished_total counter"
-        );
-        let finished = metrics
-            .finished
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for name in self.inner.definitions.keys() {
-            for status in [Status::Completed, Status::Compensated, Status::Failed] {
-                let count = finished.get(&(name.clone(), status)).copied().unwrap_or(0);
-                let _ = writeln!(
-                    out,
-                    "flotilla_sagas_finished_total{{saga=\"{name}\",status=\"{status}\"}} {count}"
-                );
-            }
-        }
-        drop(finished);
-        let mut running: HashMap<String, u64> = HashMap::new();
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
         {
-            let driving = self
-                .inner
-                .driving
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            for driving in driving.values() {
-                let status = *driving.status.borrow();
-                *running.entry(status.as_str().to_owned()).or_default() += 1;
+            let status = *driving.status.borrow();
+            if let Some(slot) = in_progress.iter_mut().find(|(s, _)| *s == status) {
+                slot.1 += 1;
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP flotilla_sagas_in_progress Sagas this orchestrator is driving, by status.\n# TYPE flotilla_sagas_in_progress gauge"
-        );
-        for status in [Status::Running, Status::Compensating] {
-            let count = running.get(status.as_str()).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "flotilla_sagas_in_progress{{status=\"{status}\"}} {count}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP flotilla_saga_step_calls_total Calls made by saga steps, by outcome.\n# TYPE flotilla_saga_step_calls_total counter"
-        );
-        let calls = metrics.calls.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut rows: Vec<_> = calls.iter().collect();
-        rows.sort_by(|a, b| {
-            (&a.0.0, &a.0.1, a.0.2.as_str(), a.0.3.as_str()).cmp(&(
-                &b.0.0,
-                &b.0.1,
-                b.0.2.as_str(),
-                b.0.3.as_str(),
-            ))
+        let mut calls: Vec<_> = metrics
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|((saga, step, phase, outcome), count)| {
+                (saga.clone(), step.clone(), *phase, *outcome, *count)
+            })
+            .collect();
+        calls.sort_by(|a, b| {
+            (&a.0, &a.1, a.2.as_str(), a.3.as_str()).cmp(&(&b.0, &b.1, b.2.as_str(), b.3.as_str()))
         });
-        for ((saga, step, phase, outcome), count) in rows {
-            let _ = writeln!(
-                out,
-                "flotilla_saga_step_calls_total{{saga=\"{saga}\",step=\"{step}\",phase=\"{}\",outcome=\"{}\"}} {count}",
-                phase.as_str(),
-                outcome.as_str()
-            );
+        SagaMetrics {
+            started,
+            finished,
+            in_progress,
+            calls,
         }
     }
+}
+
+/// What [`Orchestrator::metrics`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaMetrics {
+    /// Sagas started here, per saga.
+    pub started: Vec<(String, u64)>,
+    /// Sagas finished here, per saga and final status.
+    pub finished: Vec<(String, Status, u64)>,
+    /// Sagas driven here now, per status.
+    pub in_progress: Vec<(Status, u64)>,
+    /// Calls made by steps: saga, step, phase, outcome.
+    pub calls: Vec<(String, String, Phase, EntryKind, u64)>,
 }
 
 const POLL_EVERY: Duration = Duration::from_millis(100);
@@ -494,19 +490,28 @@ impl Inner {
     }
 }
 
-/// Resumes what is unfinished, keeps the leases alive and takes over abandoned sagas.
-async fn housekeeping(inner: Arc<Inner>) {
-    if inner.config.takeover_on_start {
-        // The store is ours alone: whatever is unfinished was ours before a crash.
-        claim(&inner, i64::MAX).await;
-    }
-    let renew_every = inner.config.lease / 3;
-    let mut renew = tokio::time::interval(renew_every.max(Duration::from_millis(10)));
-    let mut claims = tokio::time::interval(inner.config.claim_every);
+/// Keeps the leases of the sagas driven here alive.
+async fn renewals(inner: Arc<Inner>) {
+    let renew_every = (inner.config.lease / 3).max(Duration::from_millis(10));
+    let mut renew = tokio::time::interval(renew_every);
     loop {
         tokio::select! {
             () = inner.shutdown.cancelled() => return,
             _ = renew.tick() => renew_leases(&inner).await,
+        }
+    }
+}
+
+/// Resumes what is unfinished, then keeps taking over sagas whose lease ran out.
+async fn claims(inner: Arc<Inner>) {
+    if inner.config.takeover_on_start {
+        // The store is ours alone: whatever is unfinished was ours before a crash.
+        claim(&inner, i64::MAX).await;
+    }
+    let mut claims = tokio::time::interval(inner.config.claim_every);
+    loop {
+        tokio::select! {
+            () = inner.shutdown.cancelled() => return,
             _ = claims.tick() => claim(&inner, now_ms()).await,
         }
     }
@@ -1176,10 +1181,10 @@ fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
 }
 
 /// One call of a step as the timeline shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallView {
     /// pending, running, retrying, succeeded, failed.
-    pub status: &'static str,
+    pub status: String,
     pub attempts: u32,
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
@@ -1192,7 +1197,7 @@ pub struct CallView {
 }
 
 /// One step of a saga's timeline.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepView {
     pub name: String,
     pub call: String,
@@ -1234,8 +1239,9 @@ fn call_view<'e>(
     keep_response: bool,
     saga: Status,
 ) -> CallView {
+    let mut status = "pending";
     let mut view = CallView {
-        status: "pending",
+        status: String::new(),
         attempts: 0,
         started_ms: None,
         finished_ms: None,
@@ -1249,10 +1255,10 @@ fn call_view<'e>(
         match entry.kind {
             EntryKind::Started => {
                 view.started_ms.get_or_insert(entry.at_ms);
-                view.status = "running";
+                status = "running";
             }
             EntryKind::Succeeded => {
-                view.status = "succeeded";
+                status = "succeeded";
                 view.http_status = entry.http_status;
                 view.finished_ms = Some(entry.at_ms);
                 view.error = None;
@@ -1261,7 +1267,7 @@ fn call_view<'e>(
                 }
             }
             EntryKind::Failed | EntryKind::Refused => {
-                view.status = if entry.kind == EntryKind::Refused {
+                status = if entry.kind == EntryKind::Refused {
                     "failed"
                 } else {
                     "retrying"
@@ -1276,9 +1282,10 @@ fn call_view<'e>(
         }
     }
     // Once the saga moved on, a call left retrying gave up.
-    if view.status == "retrying" && saga != Status::Running && saga != Status::Compensating {
-        view.status = "failed";
+    if status == "retrying" && saga != Status::Running && saga != Status::Compensating {
+        status = "failed";
     }
+    view.status = status.to_owned();
     view.duration_ms = view
         .started_ms
         .zip(view.finished_ms)

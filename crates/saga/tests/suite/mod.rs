@@ -597,6 +597,7 @@ pub fn harness_with(
         Some(announced.clone()),
         config,
     );
+    orchestrator.resume();
     Harness {
         services,
         orchestrator,
