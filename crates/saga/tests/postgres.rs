@@ -8,6 +8,7 @@
 mod suite;
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -25,7 +26,8 @@ const URL_VAR: &str = "FLOTILLA_TEST_POSTGRES_URL";
 fn url() -> Option<String> {
     let url = std::env::var(URL_VAR).ok().filter(|u| !u.is_empty());
     if url.is_none() {
-        eprintln!("skipped: {URL_VAR} is not set");
+        // Straight to stderr, past the test harness's capture, so that a skip is seen.
+        let _ = writeln!(std::io::stderr(), "skipped: {URL_VAR} is not set");
     }
     url
 }
@@ -103,6 +105,62 @@ async fn a_bad_url_or_an_unreachable_server_is_a_clear_error() {
         panic!("parsed a bad url");
     };
     assert!(err.to_string().contains("PostgreSQL"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_a_clear_error() {
+    let Some(url) = url() else { return };
+    let schemas = Schemas::default();
+    let name = format!(
+        "flotilla_lost_{}_{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    );
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store = PostgresStore::connect(
+        &format!("{url}{separator}application_name={name}"),
+        Some(&schemas.fresh()),
+    )
+    .await
+    .expect("connect");
+    assert!(store.get("sg_nope").await.expect("get").is_none());
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("admin");
+    let connection = tokio::spawn(connection);
+    let ended = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("terminate");
+    assert_eq!(ended.len(), 2, "the writer's and the reader's connections");
+    drop(admin);
+    let _ = connection.await;
+    // The server's word reaches the client a moment later.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let read = store.get("sg_nope").await.expect_err("the reader is gone");
+    assert!(
+        read.to_string().contains("connection (reader) was lost"),
+        "{read}"
+    );
+    let write = store
+        .append(Append {
+            id: "sg_nope".into(),
+            owner: "me".into(),
+            lease_until_ms: 0,
+            entries: vec![],
+            status: None,
+        })
+        .await
+        .expect_err("the writer is gone");
+    assert!(
+        write.to_string().contains("connection (writer) was lost"),
+        "{write}"
+    );
+    drop(store);
+    schemas.drop_all(&url).await;
 }
 
 /// A store that counts the sagas it claimed for its orchestrator.
