@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use futures_util::future::join;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
@@ -203,6 +204,16 @@ impl Done {
             Done::Unit(_, r) => broke(r),
             Done::Renewed(_, r) => broke(r),
             Done::Claimed(_, r) => broke(r),
+        }
+    }
+
+    fn refused(self, err: &str) -> Done {
+        let err = || StoreError::Backend(err.to_owned());
+        match self {
+            Done::Created(reply, _) => Done::Created(reply, Err(err())),
+            Done::Unit(reply, _) => Done::Unit(reply, Err(err())),
+            Done::Renewed(reply, _) => Done::Renewed(reply, Err(err())),
+            Done::Claimed(reply, _) => Done::Claimed(reply, Err(err())),
         }
     }
 
@@ -465,14 +476,21 @@ async fn transaction(
             done.push(refuse(op, err));
             continue;
         }
-        if let Err(err) = conn.client.batch_execute(before).await {
+        // Pipelined: the savepoint and the write's first statement go out together (`join`
+        // polls, and so sends, in order), so a savepoint costs no round trip of its own.
+        let (savepoint, result) = join(
+            conn.client.batch_execute(before),
+            apply(conn, statements, op),
+        )
+        .await;
+        if let Err(err) = savepoint {
+            // The write ran without its savepoint (or failed with it): the batch is lost.
             let err = error_text(conn, &err);
-            done.push(refuse(op, &err));
+            done.push(result.refused(&err));
             broken = Some(err);
             continue;
         }
         before = "RELEASE SAVEPOINT op; SAVEPOINT op";
-        let result = apply(conn, statements, op).await;
         if result.broke() {
             if let Err(err) = conn.client.batch_execute("ROLLBACK TO SAVEPOINT op").await {
                 broken = Some(error_text(conn, &err));

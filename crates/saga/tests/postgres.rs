@@ -163,6 +163,65 @@ async fn a_lost_connection_is_a_clear_error() {
     schemas.drop_all(&url).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_write_leaves_the_rest_of_its_batch_intact() {
+    let Some(url) = url() else { return };
+    let schemas = Schemas::default();
+    let store = PostgresStore::connect(&url, Some(&schemas.fresh()))
+        .await
+        .expect("connect");
+    let lease = now_ms() + 60_000;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let saga = NewSaga {
+            id: format!("sg_batch_{i:03}"),
+            name: "three".into(),
+            input: json!({"order": i}),
+            key: None,
+            traceparent: None,
+            created_ms: now_ms(),
+            deadline_ms: None,
+        };
+        store
+            .create(&saga, &[started(0)], "me", lease)
+            .await
+            .expect("create");
+        ids.push(saga.id);
+    }
+    let commits = store.stats().commits;
+    // All at once, so they share commits; every fifth repeats seq 0, which the log's primary
+    // key refuses.
+    let appends = ids.iter().enumerate().map(|(i, id)| {
+        let seq = if i % 5 == 0 { 0 } else { 1 };
+        store.append(Append {
+            id: id.clone(),
+            owner: "me".into(),
+            lease_until_ms: lease,
+            entries: vec![Entry { seq, ..started(1) }],
+            status: Some((Status::Compensating, None)),
+        })
+    });
+    let results = futures_util::future::join_all(appends).await;
+    assert!(
+        store.stats().commits - commits < 50,
+        "the appends shared commits"
+    );
+    for (i, (id, result)) in ids.iter().zip(results).enumerate() {
+        let record = store.get(id).await.expect("get").expect("stored");
+        if i % 5 == 0 {
+            assert!(matches!(result, Err(StoreError::Backend(_))), "{result:?}");
+            assert_eq!(record.summary.status, Status::Running, "rolled back whole");
+            assert_eq!(record.log.len(), 1);
+        } else {
+            result.expect("append");
+            assert_eq!(record.summary.status, Status::Compensating);
+            assert_eq!(record.log.len(), 2);
+        }
+    }
+    drop(store);
+    schemas.drop_all(&url).await;
+}
+
 /// A store that counts the sagas it claimed for its orchestrator.
 struct Counting {
     inner: Arc<dyn SagaStore>,
