@@ -462,7 +462,11 @@ async fn write_loop(
 
 /// Runs the whole batch in one transaction, each write in the savepoint `op`: established before
 /// the first write, rolled back to after a write that failed, and re-established (released and
-/// set again, in the same round trip) before each next write.
+/// set again) before each next write — sent together with that write, so it costs no round trip.
+///
+/// Row locks are held until the commit. A write that needs a row another orchestrator's batch
+/// holds waits for it (claims skip such rows instead); in the rare case of two batches waiting on
+/// each other, PostgreSQL cancels one write as a deadlock: that write fails alone, like any other.
 async fn transaction(
     conn: &Conn,
     statements: &WriteStatements,
