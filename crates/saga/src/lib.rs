@@ -12,7 +12,9 @@
 //! - [`sqlite::SqliteStore`], the embedded default, under `.flotilla/`: WAL, a single writer that
 //!   commits the transitions of all concurrent sagas together (group commit), so a durable commit
 //!   per transition does not cost an fsync per transition.
-//! - a PostgreSQL store, where several orchestrators share the sagas through leases.
+//! - [`postgres::PostgresStore`], where several orchestrators (processes, machines) share the
+//!   sagas through leases: the same single writer and group commit, with claims that skip the
+//!   rows another orchestrator is claiming (`FOR UPDATE SKIP LOCKED`).
 //!
 //! Ownership is a lease: the orchestrator that creates or claims a saga holds it until
 //! `lease_until`, renews it while it works, and every write is conditional on still holding it.
@@ -22,6 +24,7 @@
 
 pub mod direct;
 pub mod engine;
+pub mod postgres;
 pub mod sqlite;
 pub mod template;
 

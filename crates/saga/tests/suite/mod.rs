@@ -263,7 +263,7 @@ pub async fn renew_reports_lost_leases_and_release_frees(store: Arc<dyn SagaStor
         .expect("claim");
     assert_eq!(taken.len(), 2);
     store
-        .release("other", &[mine.id.clone()])
+        .release("other", std::slice::from_ref(&mine.id))
         .await
         .expect("release");
     let back = store
