@@ -11,11 +11,11 @@
 
 pub mod api;
 pub mod events;
-pub mod sagas;
 mod health;
 mod observe;
 mod openapi;
 mod otlp;
+pub mod sagas;
 
 pub use otlp::{otlp_router, serve_otlp};
 

@@ -195,6 +195,51 @@ pub(crate) const DOCUMENT: &str = r##"{
         }
       }
     },
+    "/v1/sagas": {
+      "get": {
+        "summary": "Sagas, newest first",
+        "parameters": [
+          { "name": "status", "in": "query", "schema": { "type": "string", "enum": ["running", "compensating", "completed", "compensated", "failed"] } },
+          { "name": "name", "in": "query", "schema": { "type": "string" } },
+          { "name": "limit", "in": "query", "description": "At most N (default 50, at most 1000)", "schema": { "type": "integer", "minimum": 1 } }
+        ],
+        "responses": {
+          "200": { "description": "Sagas", "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/SagaItem" } } } } },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
+    "/v1/sagas/{key}": {
+      "post": {
+        "summary": "Start the saga named `key` with the body as its input",
+        "description": "With an Idempotency-Key header, a second start with the same key answers 200 with the saga the first one started.",
+        "parameters": [
+          { "name": "key", "in": "path", "required": true, "description": "The saga's name, as declared under [sagas.NAME]", "schema": { "type": "string" } },
+          { "name": "Idempotency-Key", "in": "header", "schema": { "type": "string", "maxLength": 255 } }
+        ],
+        "requestBody": { "content": { "application/json": { "schema": {} } } },
+        "responses": {
+          "202": { "description": "Started", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/StartedSaga" } } } },
+          "200": { "description": "Started earlier with this Idempotency-Key", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/StartedSaga" } } } },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" },
+          "413": { "$ref": "#/components/responses/Problem" }
+        }
+      },
+      "get": {
+        "summary": "The saga with id `key` and its timeline",
+        "parameters": [
+          { "name": "key", "in": "path", "required": true, "description": "The saga's id", "schema": { "type": "string" } },
+          { "name": "wait", "in": "query", "description": "Answer once the saga is final, or after this long (at most 60s), like 10s", "schema": { "type": "string" } }
+        ],
+        "responses": {
+          "200": { "description": "The saga", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Saga" } } } },
+          "400": { "$ref": "#/components/responses/Problem" },
+          "404": { "$ref": "#/components/responses/Problem" }
+        }
+      }
+    },
     "/v1/traces": {
       "get": {
         "summary": "Recent traces: one per request through the gateway (or call between services), newest first",
@@ -257,6 +302,11 @@ pub(crate) const DOCUMENT: &str = r##"{
       "Problem": { "description": "An error", "content": { "application/problem+json": { "schema": { "$ref": "#/components/schemas/Problem" } } } }
     },
     "schemas": {
+      "SagaError": { "type": ["object", "null"], "properties": { "step": { "type": "string" }, "status": { "type": ["integer", "null"] }, "message": { "type": "string" } } },
+      "SagaItem": { "type": "object", "properties": { "id": { "type": "string" }, "name": { "type": "string" }, "status": { "type": "string", "enum": ["running", "compensating", "completed", "compensated", "failed"] }, "created_at": { "type": "string", "format": "date-time" }, "updated_at": { "type": "string", "format": "date-time" }, "error": { "$ref": "#/components/schemas/SagaError" } } },
+      "StartedSaga": { "type": "object", "properties": { "id": { "type": "string" }, "name": { "type": "string" }, "status": { "type": "string" }, "created": { "type": "boolean" } } },
+      "SagaCall": { "type": ["object", "null"], "properties": { "status": { "type": "string", "enum": ["pending", "running", "retrying", "succeeded", "failed"] }, "attempts": { "type": "integer" }, "started_ms": { "type": ["integer", "null"] }, "finished_ms": { "type": ["integer", "null"] }, "duration_ms": { "type": ["integer", "null"] }, "http_status": { "type": ["integer", "null"] }, "error": { "type": ["string", "null"] }, "response": {} } },
+      "Saga": { "allOf": [ { "$ref": "#/components/schemas/SagaItem" }, { "type": "object", "properties": { "input": {}, "key": { "type": ["string", "null"] }, "trace_id": { "type": ["string", "null"] }, "deadline": { "type": ["string", "null"] }, "steps": { "type": "array", "items": { "type": "object", "properties": { "name": { "type": "string" }, "call": { "type": "string" }, "action": { "$ref": "#/components/schemas/SagaCall" }, "compensate": { "$ref": "#/components/schemas/SagaCall" } } } } } } ] },
       "Topic": {
         "type": "object",
         "properties": {

@@ -187,7 +187,13 @@ pub(crate) async fn get(
         orchestrator.wait(&id, wait).await
     }
     .map_err(store_problem)?
-    .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "unknown saga", format!("no saga {id}")))?;
+    .ok_or_else(|| {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "unknown saga",
+            format!("no saga {id}"),
+        )
+    })?;
     Ok(Json(view(&orchestrator, &record)))
 }
 
@@ -245,9 +251,7 @@ pub(crate) async fn start(
             ));
         }
     };
-    let traceparent = text("traceparent")
-        .and_then(Result::ok)
-        .map(str::to_owned);
+    let traceparent = text("traceparent").and_then(Result::ok).map(str::to_owned);
     let started = orchestrator
         .start_saga(&name, input, key, traceparent)
         .await

@@ -208,7 +208,9 @@ pub fn timeline(saga: &SagaView, colour: bool) -> String {
         }
     }
     out.push_str(&output::table(
-        &["#", "STEP", "CALL", "STATUS", "HTTP", "TRIES", "TOOK", "ERROR"],
+        &[
+            "#", "STEP", "CALL", "STATUS", "HTTP", "TRIES", "TOOK", "ERROR",
+        ],
         &rows,
     ));
     out
@@ -259,8 +261,5 @@ fn list_table(sagas: &[SagaItem], colour: bool) -> String {
             ]
         })
         .collect();
-    output::table(
-        &["ID", "SAGA", "STATUS", "STARTED", "TOOK", "ERROR"],
-        &rows,
-    )
+    output::table(&["ID", "SAGA", "STATUS", "STARTED", "TOOK", "ERROR"], &rows)
 }

@@ -13,11 +13,11 @@ use flotilla_events::engine::{Events, Subscriber};
 use flotilla_events::{BoxFuture, Event};
 use flotilla_manifest::{Manifest, SagaStoreKind};
 use flotilla_proxy::Target;
+use flotilla_saga::SagaStore;
 use flotilla_saga::engine::{
     Config, Orchestrator, SagaEvents, StepCaller, StepRequest, StepResponse,
 };
 use flotilla_saga::sqlite::SqliteStore;
-use flotilla_saga::SagaStore;
 use http::{Request, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -103,7 +103,10 @@ impl Triggers {
 
 /// The store `[sagas] store` names: SQLite under the state directory (this process its only
 /// user), or PostgreSQL (shared with other orchestrators). The flag says which.
-pub async fn open_store(manifest: &Manifest, state_dir: &Path) -> Result<(Arc<dyn SagaStore>, bool)> {
+pub async fn open_store(
+    manifest: &Manifest,
+    state_dir: &Path,
+) -> Result<(Arc<dyn SagaStore>, bool)> {
     Ok(match &manifest.sagas.store {
         SagaStoreKind::Sqlite => {
             let dir = state_dir.join("sagas");
@@ -112,7 +115,20 @@ pub async fn open_store(manifest: &Manifest, state_dir: &Path) -> Result<(Arc<dy
             (Arc::new(store), true)
         }
         SagaStoreKind::Postgres { url } => {
-            let store = flotilla_saga::postgres::PostgresStore::connect(url, None)
+            // A schema per app: apps sharing a database never see (or claim) each other's sagas.
+            let schema = format!(
+                "flotilla_{}",
+                manifest
+                    .app
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '_'
+                    })
+                    .collect::<String>()
+            );
+            let store = flotilla_saga::postgres::PostgresStore::connect(url, Some(&schema))
                 .await
                 .with_context(|| format!("cannot open the saga store at {}", redact(url)))?;
             (Arc::new(store), false)

@@ -201,7 +201,11 @@ impl Orchestrator {
     /// whichever another orchestrator abandons). Separate from [`Orchestrator::start`] so that a
     /// fleet resumes its sagas once the services they call are up, not before.
     pub fn resume(&self) {
-        if !self.inner.resuming.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if !self
+            .inner
+            .resuming
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             self.inner.tasks.spawn(claims(Arc::clone(&self.inner)));
         }
     }
@@ -368,14 +372,20 @@ impl Orchestrator {
         let mut names: Vec<String> = self.inner.definitions.keys().cloned().collect();
         names.sort();
         let started = {
-            let started = metrics.started.lock().unwrap_or_else(PoisonError::into_inner);
+            let started = metrics
+                .started
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             names
                 .iter()
                 .map(|name| (name.clone(), started.get(name).copied().unwrap_or(0)))
                 .collect()
         };
         let finished = {
-            let finished = metrics.finished.lock().unwrap_or_else(PoisonError::into_inner);
+            let finished = metrics
+                .finished
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             names
                 .iter()
                 .flat_map(|name| {

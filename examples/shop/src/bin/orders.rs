@@ -67,6 +67,12 @@ const PENDING: &str = "pending";
 const CONFIRMED: &str = "confirmed";
 const CANCELLED: &str = "cancelled";
 
+/// An order still `pending` this long after it was placed may have lost its saga start: orders
+/// stopped between storing it and starting the saga.
+const STRANDED_AFTER: Duration = Duration::from_secs(60);
+/// How often orders looks for such orders.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
 /// The outbox drainer looks for events this often even when nobody woke it: another replica
 /// sharing the database may have written them, or a publish may have failed.
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
@@ -124,6 +130,7 @@ async fn run() -> Result<(), BoxError> {
         Arc::clone(&outbox),
         stopped,
     ));
+    let reconciler = tokio::spawn(reconcile(db.clone(), Arc::clone(&deps), stop.subscribe()));
     let app = App { db, deps, outbox };
     let served = match router(app) {
         Ok(router) => serve(SERVICE, router).await,
@@ -135,6 +142,7 @@ async fn run() -> Result<(), BoxError> {
     if let Err(err) = drainer.await {
         eprintln!("outbox drainer failed: {err}");
     }
+    let _ = reconciler.await;
     served
 }
 
@@ -315,14 +323,19 @@ struct SagaError {
 }
 
 /// Stores the order, starts its saga and waits for the outcome.
-async fn place(app: &App, order: Order, trace: &HeaderMap) -> Result<Response, Problem> {
-    let id = order.id.clone();
-    let input = json!({
+/// The `place-order` saga's input for `order`.
+fn saga_input(order: &Order) -> serde_json::Value {
+    json!({
         "order_id": order.id,
         "customer": order.customer,
         "items": order.items.iter().map(|i| json!({ "sku": i.sku, "qty": i.qty })).collect::<Vec<_>>(),
         "total": from_cents(order.total_cents),
-    });
+    })
+}
+
+async fn place(app: &App, order: Order, trace: &HeaderMap) -> Result<Response, Problem> {
+    let id = order.id.clone();
+    let input = saga_input(&order);
     let traceparent = traceparent(trace);
     let pending = app
         .db
@@ -1081,5 +1094,52 @@ mod tests {
     fn writes_the_wait_in_whole_units() {
         assert_eq!(wait_param(Duration::from_secs(10)), "10s");
         assert_eq!(wait_param(Duration::from_millis(1500)), "1500ms");
+    }
+}
+
+/// Starts the saga again for every order stranded in `pending`. The start is keyed by the order
+/// id, so for an order whose saga exists this changes nothing (the existing saga is returned and
+/// its own last step or its `saga.*` event settles the order); for one whose start was lost it
+/// starts it now. Replicas may both do it: the key makes that harmless.
+async fn reconcile(db: Db, deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(RECONCILE_EVERY) => {}
+        }
+        let cutoff = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() - STRANDED_AFTER,
+        )
+        .to_string();
+        let stranded = db
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id, customer, total_cents, status, reason, created_at FROM orders
+                     WHERE status = ?1 AND created_at < ?2 ORDER BY seq LIMIT 100",
+                )?;
+                let orders = stmt
+                    .query_map(params![PENDING, cutoff], order_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(orders
+                    .into_iter()
+                    .map(|order| with_items(conn, order))
+                    .collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await;
+        let Ok(stranded) = stranded else { continue };
+        for order in stranded {
+            let mut headers = HeaderMap::new();
+            let Ok(key) = HeaderValue::from_str(&order.id) else {
+                continue;
+            };
+            headers.insert(IDEMPOTENCY_KEY, key);
+            let started: Result<Saga, CallError> = deps
+                .flotilla
+                .post_json(&["v1", "sagas", SAGA], &saga_input(&order), &headers)
+                .await;
+            if let Err(err) = started {
+                eprintln!("order {}: pending, and its saga could not be started: {err}", order.id);
+            }
+        }
     }
 }
