@@ -254,6 +254,11 @@ fn crash_in_the_middle_of_sagas(mut fleet: Fleet, products: &[Value]) -> Fleet {
                 .unwrap_or(false)
         })
     });
+    assert!(
+        fleet.output().contains("unfinished sagas"),
+        "the restart resumed the sagas the crash interrupted:\n{}",
+        fleet.output()
+    );
     let sagas: Vec<Value> = get(&format!(
         "{}/v1/sagas?name=place-order&limit=1000",
         fleet.control
@@ -306,12 +311,9 @@ fn crash_in_the_middle_of_sagas(mut fleet: Fleet, products: &[Value]) -> Fleet {
             assert_eq!(statuses(&reservations), ["reserved"], "{order_id}");
             assert_eq!(statuses(&authorizations), ["authorized"], "{order_id}");
             assert_eq!(shipments.as_array().map(Vec::len), Some(1), "{order_id}");
-            let order: Value = get(&format!(
-                "{api}/orders/{order_id}",
-                api = format!("{}/api/v1", fleet.gateway)
-            ))
-            .json()
-            .expect("order");
+            let order: Value = get(&format!("{}/api/v1/orders/{order_id}", fleet.gateway))
+                .json()
+                .expect("order");
             assert_eq!(order["status"], "confirmed", "{order_id}");
         } else {
             assert!(

@@ -575,6 +575,10 @@ async fn claim(inner: &Arc<Inner>, older_than_ms: i64) {
             }
         };
         let full = claimed.len() == CLAIM_BATCH as usize;
+        if !claimed.is_empty() {
+            // Worth a line whatever the log level: a crash or a lost orchestrator left these.
+            tracing::warn!("resuming {} unfinished sagas", claimed.len());
+        }
         for record in claimed {
             tracing::info!(
                 "saga {} ({}): resuming, {}",

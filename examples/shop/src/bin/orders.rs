@@ -1044,6 +1044,55 @@ async fn price(catalog: &Dependency, sku: &str, trace: &HeaderMap) -> Result<Opt
     })
 }
 
+/// Starts the saga again for every order stranded in `pending`. The start is keyed by the order
+/// id, so for an order whose saga exists this changes nothing (the existing saga is returned and
+/// its own last step or its `saga.*` event settles the order); for one whose start was lost it
+/// starts it now. Replicas may both do it: the key makes that harmless.
+async fn reconcile(db: Db, deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(RECONCILE_EVERY) => {}
+        }
+        let cutoff =
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now() - STRANDED_AFTER)
+                .to_string();
+        let stranded = db
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id, customer, total_cents, status, reason, created_at FROM orders
+                     WHERE status = ?1 AND created_at < ?2 ORDER BY seq LIMIT 100",
+                )?;
+                let orders = stmt
+                    .query_map(params![PENDING, cutoff], order_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(orders
+                    .into_iter()
+                    .map(|order| with_items(conn, order))
+                    .collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await;
+        let Ok(stranded) = stranded else { continue };
+        for order in stranded {
+            let mut headers = HeaderMap::new();
+            let Ok(key) = HeaderValue::from_str(&order.id) else {
+                continue;
+            };
+            headers.insert(IDEMPOTENCY_KEY, key);
+            let started: Result<Saga, CallError> = deps
+                .flotilla
+                .post_json(&["v1", "sagas", SAGA], &saga_input(&order), &headers)
+                .await;
+            if let Err(err) = started {
+                eprintln!(
+                    "order {}: pending, and its saga could not be started: {err}",
+                    order.id
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1094,52 +1143,5 @@ mod tests {
     fn writes_the_wait_in_whole_units() {
         assert_eq!(wait_param(Duration::from_secs(10)), "10s");
         assert_eq!(wait_param(Duration::from_millis(1500)), "1500ms");
-    }
-}
-
-/// Starts the saga again for every order stranded in `pending`. The start is keyed by the order
-/// id, so for an order whose saga exists this changes nothing (the existing saga is returned and
-/// its own last step or its `saga.*` event settles the order); for one whose start was lost it
-/// starts it now. Replicas may both do it: the key makes that harmless.
-async fn reconcile(db: Db, deps: Arc<Deps>, mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(RECONCILE_EVERY) => {}
-        }
-        let cutoff = humantime::format_rfc3339_seconds(
-            std::time::SystemTime::now() - STRANDED_AFTER,
-        )
-        .to_string();
-        let stranded = db
-            .call(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT id, customer, total_cents, status, reason, created_at FROM orders
-                     WHERE status = ?1 AND created_at < ?2 ORDER BY seq LIMIT 100",
-                )?;
-                let orders = stmt
-                    .query_map(params![PENDING, cutoff], order_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok(orders
-                    .into_iter()
-                    .map(|order| with_items(conn, order))
-                    .collect::<rusqlite::Result<Vec<_>>>()?)
-            })
-            .await;
-        let Ok(stranded) = stranded else { continue };
-        for order in stranded {
-            let mut headers = HeaderMap::new();
-            let Ok(key) = HeaderValue::from_str(&order.id) else {
-                continue;
-            };
-            headers.insert(IDEMPOTENCY_KEY, key);
-            let started: Result<Saga, CallError> = deps
-                .flotilla
-                .post_json(&["v1", "sagas", SAGA], &saga_input(&order), &headers)
-                .await;
-            if let Err(err) = started {
-                eprintln!("order {}: pending, and its saga could not be started: {err}", order.id);
-            }
-        }
     }
 }
