@@ -149,7 +149,15 @@ struct Inner {
 
 struct Driving {
     cancel: CancellationToken,
-    status: watch::Sender<Status>,
+    status: watch::Sender<Progress>,
+}
+
+/// What waiters see of a saga driven here: its status and, once final, the whole record, so a
+/// waiter needs no read from the store.
+#[derive(Clone)]
+struct Progress {
+    status: Status,
+    finished: Option<Arc<SagaRecord>>,
 }
 
 #[derive(Default)]
@@ -316,8 +324,14 @@ impl Orchestrator {
             .unwrap_or_else(PoisonError::into_inner)
             .get(id)
             .map(|d| d.status.subscribe());
-        if let Some(mut status) = local {
-            let _ = tokio::time::timeout_at(deadline, status.wait_for(|s| s.is_final())).await;
+        if let Some(mut progress) = local {
+            let waited =
+                tokio::time::timeout_at(deadline, progress.wait_for(|p| p.status.is_final())).await;
+            if let Ok(Ok(progress)) = waited
+                && let Some(record) = &progress.finished
+            {
+                return Ok(Some(SagaRecord::clone(record)));
+            }
         }
         // Driven elsewhere, already done, or no longer driven here: ask the store until it is
         // final.
@@ -404,7 +418,7 @@ impl Orchestrator {
             .unwrap_or_else(PoisonError::into_inner)
             .values()
         {
-            let status = *driving.status.borrow();
+            let status = driving.status.borrow().status;
             if let Some(slot) = in_progress.iter_mut().find(|(s, _)| *s == status) {
                 slot.1 += 1;
             }
@@ -474,7 +488,10 @@ impl Inner {
             return;
         };
         let cancel = self.shutdown.child_token();
-        let (status, _) = watch::channel(record.summary.status);
+        let (status, _) = watch::channel(Progress {
+            status: record.summary.status,
+            finished: None,
+        });
         {
             let mut driving = self.driving.lock().unwrap_or_else(PoisonError::into_inner);
             if driving.contains_key(&record.summary.id) {
@@ -643,7 +660,9 @@ struct Run {
     /// The last `started` in the log was written by `start_saga` and its call not made yet.
     fresh: bool,
     cancel: CancellationToken,
-    watch: watch::Sender<Status>,
+    watch: watch::Sender<Progress>,
+    /// The record as stored: what waiters get once the saga is final.
+    history: SagaRecord,
 }
 
 impl Run {
@@ -653,7 +672,7 @@ impl Run {
         record: SagaRecord,
         fresh: bool,
         cancel: CancellationToken,
-        watch: watch::Sender<Status>,
+        watch: watch::Sender<Progress>,
     ) -> Self {
         let mut steps = vec![StepState::default(); definition.steps.len()];
         let mut next_seq = 0;
@@ -680,12 +699,13 @@ impl Run {
         Self {
             inner,
             definition,
-            id: record.summary.id,
-            input: record.input,
-            traceparent: record.traceparent,
+            id: record.summary.id.clone(),
+            input: record.input.clone(),
+            traceparent: record.traceparent.clone(),
             deadline_ms: record.deadline_ms,
             status: record.summary.status,
-            error: record.summary.error,
+            error: record.summary.error.clone(),
+            history: record,
             steps,
             next_seq,
             unwritten: Vec::new(),
@@ -1015,6 +1035,7 @@ impl Run {
             entries: std::mem::take(&mut self.unwritten),
             status: status.clone(),
         };
+        let written_at = append.entries.iter().map(|e| e.at_ms).max();
         let mut delay = Duration::from_millis(50);
         loop {
             match self.inner.store.append(append.clone()).await {
@@ -1040,10 +1061,20 @@ impl Run {
                 }
             }
         }
+        self.history.log.extend(append.entries);
+        if let Some(at) = written_at {
+            self.history.summary.updated_ms = at;
+        }
         if let Some((status, error)) = status {
             self.status = status;
-            self.error = error;
-            self.watch.send_replace(status);
+            self.error = error.clone();
+            self.history.summary.status = status;
+            self.history.summary.error = error;
+            if status.is_final() {
+                self.history.summary.updated_ms = now_ms();
+            }
+            let finished = status.is_final().then(|| Arc::new(self.history.clone()));
+            self.watch.send_replace(Progress { status, finished });
         }
         Ok(())
     }
