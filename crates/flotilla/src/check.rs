@@ -11,11 +11,13 @@ pub fn run(args: CheckArgs) -> Result<ExitCode> {
     match flotilla_manifest::load(&args.dir) {
         Ok(manifest) => {
             println!(
-                "{}: ok: app `{}`, {} services, {} routes",
+                "{}: ok: app `{}`, {} services, {} routes, {} topics, {} sagas",
                 manifest.path.display(),
                 manifest.app,
                 manifest.services.len(),
-                manifest.gateway.routes.len()
+                manifest.gateway.routes.len(),
+                manifest.topics.len(),
+                manifest.sagas.sagas.len()
             );
             Ok(ExitCode::SUCCESS)
         }
