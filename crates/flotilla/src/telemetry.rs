@@ -14,13 +14,14 @@ use flotilla_manifest::{TelemetrySettings, TelemetryStorage};
 use flotilla_proxy::Observer;
 use flotilla_telemetry::otlp::{ExportConfig, OtlpExporter};
 use flotilla_telemetry::store::{Retention, TelemetryDb};
-use flotilla_telemetry::{Exposition, LogStore, MetricType, Metrics, Span, TraceStore};
+use flotilla_telemetry::{EdgeMeter, Exposition, LogStore, MetricType, Metrics, Span, TraceStore};
 
 /// Spans kept in memory for `flotilla traces` and the map: every proxied call records two, so
-/// this is the last 10,000 calls, about 6 MiB: a working set that stays warm in the caches of the
-/// request path (each span recorded evicts one, through two index lookups). Older traces are read
-/// from the durable tier.
-pub const TRACE_CAPACITY: usize = 20_000;
+/// this is the last 4,096 calls, about 3 MiB: a working set that stays warm in the caches of the
+/// request path, where each span recorded evicts the oldest (a profile showed those evictions,
+/// cache misses all, as the largest cost of tracing at 20,000). Older traces are read from the
+/// durable tier.
+pub const TRACE_CAPACITY: usize = 8_192;
 
 /// The fleet's telemetry stores behind the proxy's [`Observer`].
 #[derive(Clone)]
@@ -81,6 +82,26 @@ impl Telemetry {
             durable.record_span(span.clone());
         }
         self.traces.record(span);
+    }
+
+    /// Like [`Telemetry::record_span`] for the two spans of one call, which share a trace: one
+    /// sampling decision and one lock of the trace store.
+    pub fn record_pair(&self, first: Span, second: Span) {
+        if let Some(export) = &self.export {
+            export.export_span(&first);
+            export.export_span(&second);
+        }
+        if let Some(durable) = &self.durable {
+            // One trace, one decision; errors are kept whatever the trace's lot.
+            let keep = self.sampler.keep_spans(&first, 2);
+            if keep || second.is_error() {
+                durable.record_span(second.clone());
+            }
+            if keep {
+                durable.record_span(first.clone());
+            }
+        }
+        self.traces.record_pair(first, second);
     }
 
     /// Every line `logs` stores from now on also goes to the durable tier and the exporter.
@@ -184,13 +205,18 @@ impl StoreSampler {
     }
 
     pub fn keep(&self, span: &Span) -> bool {
+        self.keep_spans(span, 1)
+    }
+
+    /// The decision for `spans` spans of `span`'s trace, counted as offered together.
+    pub fn keep_spans(&self, span: &Span, spans: u64) -> bool {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.keep_at(span, now)
+        self.keep_at(span, now, spans)
     }
 
-    fn keep_at(&self, span: &Span, now: u64) -> bool {
+    fn keep_at(&self, span: &Span, now: u64, spans: u64) -> bool {
         let second = self.second.load(Ordering::Relaxed);
         if now != second
             && self
@@ -208,7 +234,7 @@ impl StoreSampler {
             };
             self.keep_per_65536.store(ratio as u32, Ordering::Relaxed);
         }
-        self.offered.fetch_add(1, Ordering::Relaxed);
+        self.offered.fetch_add(spans, Ordering::Relaxed);
         // The trace id's last two bytes are random in every id scheme in use (128-bit, or 64-bit
         // padded on the left).
         let bucket = u32::from(u16::from_le_bytes([
@@ -218,7 +244,7 @@ impl StoreSampler {
         if span.is_error() || bucket < self.keep_per_65536.load(Ordering::Relaxed) {
             true
         } else {
-            self.sampled_out.fetch_add(1, Ordering::Relaxed);
+            self.sampled_out.fetch_add(spans, Ordering::Relaxed);
             false
         }
     }
@@ -247,6 +273,17 @@ impl Observer for Telemetry {
 
     fn in_flight(&self, caller: &str, callee: &str, delta: i64) {
         self.metrics.add_in_flight(caller, callee, delta);
+    }
+
+    fn meter(&self, caller: &str, callee: &str) -> Option<EdgeMeter> {
+        self.metrics.meter(caller, callee)
+    }
+
+    fn call_spans(&self, server: Option<Span>, client: Span) {
+        match server {
+            Some(server) => self.record_pair(server, client),
+            None => self.record_span(client),
+        }
     }
 }
 
@@ -285,7 +322,9 @@ mod tests {
         let sampler = StoreSampler::new(100);
         let kept = |second: u64, n: usize| {
             (0..n)
-                .filter(|_| sampler.keep_at(&span_of(TraceId::random(), SpanStatus::Unset), second))
+                .filter(|_| {
+                    sampler.keep_at(&span_of(TraceId::random(), SpanStatus::Unset), second, 1)
+                })
                 .count()
         };
         assert_eq!(
@@ -300,13 +339,15 @@ mod tests {
         );
         // A trace is stored whole or not at all; errors always.
         let trace = TraceId::random();
-        let first = sampler.keep_at(&span_of(trace, SpanStatus::Unset), 1_001);
+        let first = sampler.keep_at(&span_of(trace, SpanStatus::Unset), 1_001, 1);
         assert!(
-            (0..20).all(|_| sampler.keep_at(&span_of(trace, SpanStatus::Unset), 1_001) == first)
+            (0..20).all(|_| sampler.keep_at(&span_of(trace, SpanStatus::Unset), 1_001, 1) == first)
         );
-        assert!(
-            (0..50).all(|_| sampler.keep_at(&span_of(TraceId::random(), SpanStatus::Error), 1_001))
-        );
+        assert!((0..50).all(|_| sampler.keep_at(
+            &span_of(TraceId::random(), SpanStatus::Error),
+            1_001,
+            1
+        )));
         assert!(sampler.sampled_out() > 9_000);
         // After a quiet spell everything is kept again.
         assert_eq!(kept(1_005, 50), 50);

@@ -30,7 +30,7 @@ mod wire;
 pub use level::{Level, classify};
 pub use logs::{LogQuery, LogRecord, LogSink, LogStore, Stream};
 pub use map::EdgeStats;
-pub use metrics::{Exposition, InFlightGuard, MetricType, Metrics, render_trace_store};
+pub use metrics::{EdgeMeter, Exposition, InFlightGuard, MetricType, Metrics, render_trace_store};
 pub use span::{
     AttributeValue, HttpHop, IdHash, IdHasher, Span, SpanId, SpanKind, SpanStatus, TraceId,
 };

@@ -159,6 +159,19 @@ impl Metrics {
         });
     }
 
+    /// The meter of the edge from `caller` to `callee`, interning it if new; `None` when there is
+    /// no room for another edge (its calls are then counted as unrecorded).
+    pub fn meter(&self, caller: &str, callee: &str) -> Option<EdgeMeter> {
+        let mut meter = None;
+        self.with_edge(caller, callee, |edge| {
+            meter = Some(EdgeMeter { edge: edge.clone() });
+        });
+        if meter.is_none() {
+            self.unrecorded.fetch_add(1, Relaxed);
+        }
+        meter
+    }
+
     /// Counts a call as in flight until the guard is dropped.
     pub fn in_flight(&self, caller: &str, callee: &str) -> InFlightGuard {
         let mut guard = InFlightGuard { edge: None };
@@ -290,6 +303,26 @@ impl Drop for InFlightGuard {
         if let Some(edge) = &self.edge {
             edge.in_flight.fetch_sub(1, Relaxed);
         }
+    }
+}
+
+/// One edge's counters, looked up once per call rather than once per update: the proxy starts a
+/// call with [`EdgeMeter::start`] and ends it with [`EdgeMeter::finish`].
+#[derive(Clone)]
+pub struct EdgeMeter {
+    edge: Arc<Edge>,
+}
+
+impl EdgeMeter {
+    /// A call starts: one more in flight.
+    pub fn start(&self) {
+        self.edge.in_flight.fetch_add(1, Relaxed);
+    }
+
+    /// The call [`EdgeMeter::start`] counted ended, like [`Metrics::record_call`] says.
+    pub fn finish(&self, status: Option<u16>, duration: Duration, retries: u32) {
+        self.edge.in_flight.fetch_sub(1, Relaxed);
+        self.edge.record(status, duration, retries);
     }
 }
 

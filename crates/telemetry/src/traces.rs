@@ -96,6 +96,20 @@ impl TraceStore {
         // `evicted` is freed here, after the lock is released.
     }
 
+    /// Stores the spans of one call, both of one trace, under one lock.
+    pub fn record_pair(&self, first: Span, second: Span) {
+        debug_assert_eq!(first.trace_id, second.trace_id);
+        let (a, b) = {
+            let mut shard = self.lock_shard(&first.trace_id);
+            (shard.push(first), shard.push(second))
+        };
+        let evicted = u64::from(a.is_some()) + u64::from(b.is_some());
+        if evicted > 0 {
+            self.dropped.fetch_add(evicted, Ordering::Relaxed);
+        }
+        // The evicted spans are freed here, after the lock is released.
+    }
+
     /// Every span held for a trace, by start time, a parent before its children when they start
     /// together.
     pub fn trace(&self, id: TraceId) -> Vec<Span> {
