@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use flotilla_saga::postgres::PostgresStore;
 use flotilla_saga::{
@@ -410,60 +409,4 @@ fn suite_config(owner: &str, claim_every_ms: u64) -> flotilla_saga::engine::Conf
         claim_every: std::time::Duration::from_millis(claim_every_ms),
         ..fast_config(owner)
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_sagas_share_commits() {
-    let Some(url) = url() else { return };
-    let schemas = Schemas::default();
-    let store: Arc<dyn SagaStore> = Arc::new(
-        PostgresStore::connect(&url, Some(&schemas.fresh()))
-            .await
-            .expect("connect"),
-    );
-    let services = Services::default();
-    let addr = services.start().await;
-    let h = harness_with(
-        Arc::clone(&store),
-        "one",
-        services.clone(),
-        addr,
-        fast_config("one"),
-    );
-    let began = Instant::now();
-    let starts = (0..300).map(|i| {
-        let orchestrator = &h.orchestrator;
-        async move {
-            orchestrator
-                .start_saga("three", json!({"order": i}), None, None)
-                .await
-                .expect("start")
-                .id
-        }
-    });
-    let ids = futures_util::future::join_all(starts).await;
-    for id in &ids {
-        assert_eq!(finished(&h, id).await.summary.status, Status::Completed);
-    }
-    let stats = store.stats();
-    eprintln!(
-        "300 concurrent sagas in {:?}: {} writes in {} commits",
-        began.elapsed(),
-        stats.writes,
-        stats.commits
-    );
-    // Four writes per 3-step saga, as on SQLite; lease renewals and claims add a few.
-    assert!(
-        (300 * 4..300 * 4 + 100).contains(&stats.writes),
-        "{} writes",
-        stats.writes
-    );
-    assert!(
-        stats.commits * 2 < stats.writes,
-        "concurrent sagas share commits"
-    );
-    h.orchestrator.shutdown().await;
-    drop(h);
-    drop(store);
-    schemas.drop_all(&url).await;
 }
