@@ -188,11 +188,8 @@ mod tests {
 
     fn route(prefix: &str, service: &str, rewrite: Option<&str>) -> Route {
         Route {
-            prefix: prefix.into(),
-            service: service.into(),
             rewrite: rewrite.map(Into::into),
-            retry_non_idempotent: false,
-            fallback: None,
+            ..Route::new(prefix, service)
         }
     }
 

@@ -60,19 +60,10 @@ async fn gateway() -> Gateway {
     registry.set_health("catalog", "catalog-1", Health::Healthy, None);
     let routes = [
         Route {
-            prefix: "/api/v1/products".into(),
-            service: "catalog".into(),
             rewrite: Some("/products".into()),
-            retry_non_idempotent: false,
-            fallback: None,
+            ..Route::new("/api/v1/products", "catalog")
         },
-        Route {
-            prefix: "/slow".into(),
-            service: "catalog".into(),
-            rewrite: None,
-            retry_non_idempotent: false,
-            fallback: None,
-        },
+        Route::new("/slow", "catalog"),
     ];
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -12,6 +12,7 @@
 
 mod command;
 mod diagnostic;
+pub mod edge;
 pub mod model;
 mod parse;
 mod suggest;
@@ -21,6 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use diagnostic::{Diagnostic, Diagnostics};
+pub use edge::*;
 pub use model::*;
 
 /// The file [`load`] looks for when given a directory.

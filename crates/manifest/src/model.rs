@@ -33,6 +33,41 @@ pub struct Manifest {
     pub sagas: SagaSettings,
     /// In dependency order: every service comes after all of its `depends_on`.
     pub services: Vec<Service>,
+    /// `[bff.NAME]`, in file order.
+    pub bffs: Vec<crate::Bff>,
+}
+
+impl GatewaySettings {
+    /// A gateway on `listen` with no routes and every edge default.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            routes: Vec::new(),
+            limits: crate::EdgeLimits::default(),
+            tls: None,
+            auth: Vec::new(),
+            rate_limit_store: crate::RateLimitStore::Memory,
+        }
+    }
+}
+
+impl Route {
+    /// A route of `prefix` to `service` with nothing else set.
+    pub fn new(prefix: impl Into<String>, service: impl Into<Arc<str>>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            service: service.into(),
+            rewrite: None,
+            retry_non_idempotent: false,
+            fallback: None,
+            service_version: None,
+            version: None,
+            deprecation: None,
+            auth: None,
+            rate_limit: None,
+            cors: None,
+        }
+    }
 }
 
 impl Manifest {
@@ -45,8 +80,17 @@ impl Manifest {
 pub struct GatewaySettings {
     /// `[gateway] listen`, default `127.0.0.1:8080`.
     pub listen: SocketAddr,
-    /// Sorted longest prefix first, so the first match is the longest match.
+    /// Sorted longest prefix first, so the first match is the longest match; routes sharing a
+    /// prefix (one per API version) keep their file order.
     pub routes: Vec<Route>,
+    /// `max_body`, `max_headers`, the timeouts and `access_log`.
+    pub limits: crate::EdgeLimits,
+    /// `[gateway.tls]`; `flotilla up --tls` sets a generated development certificate.
+    pub tls: Option<crate::TlsSettings>,
+    /// `[gateway.auth.NAME]`, in file order.
+    pub auth: Vec<crate::Authenticator>,
+    /// `[gateway.rate_limit] store`.
+    pub rate_limit_store: crate::RateLimitStore,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +107,18 @@ pub struct Route {
     /// `[gateway.routes.fallback]` (or inline `fallback = { ... }`): answered instead of a 503
     /// while the service's breaker is open.
     pub fallback: Option<Fallback>,
+    /// `service = "orders@2"`: only instances running that version serve the route.
+    pub service_version: Option<String>,
+    /// `version`, `default_version`: the API version this route serves under its prefix.
+    pub version: Option<crate::RouteVersion>,
+    /// `deprecated`, `sunset`, `deprecation_link`.
+    pub deprecation: Option<crate::Deprecation>,
+    /// `auth`, `scopes`.
+    pub auth: Option<crate::RouteAuth>,
+    /// `rate_limit = { ... }`.
+    pub rate_limit: Option<crate::RateLimit>,
+    /// `cors = { ... }`.
+    pub cors: Option<crate::Cors>,
 }
 
 /// A static response served while a breaker is open.
@@ -216,6 +272,18 @@ pub struct Service {
     pub env: BTreeMap<String, String>,
     /// Services that must be healthy before this one starts.
     pub depends_on: Vec<Arc<str>>,
+    /// `protocol`, default `http`: `grpc` services are called over HTTP/2 (h2c) by every proxy.
+    pub protocol: Protocol,
+}
+
+/// How the proxies talk to a service's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// HTTP/1.1 (pooled keep-alive connections).
+    #[default]
+    Http,
+    /// gRPC: HTTP/2 with prior knowledge (h2c), trailers passed through.
+    Grpc,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

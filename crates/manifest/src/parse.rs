@@ -19,7 +19,7 @@ use crate::command::split_words;
 use crate::diagnostic::{Diagnostic, Diagnostics, LineIndex};
 use crate::model::{
     BreakerPolicy, BulkheadPolicy, ControlSettings, EventBackend, EventSettings, Fallback, Fsync,
-    GatewaySettings, HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy,
+    GatewaySettings, HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy, Protocol,
     RestartSettings, RetryPolicy, Route, SagaSettings, Service, Subscription, TelemetrySettings,
     TelemetryStorage, Topic,
 };
@@ -356,10 +356,7 @@ impl Checker<'_> {
         let (gateway, gateway_listen) = match root.get("gateway") {
             Some(value) => self.gateway(value, &services),
             None => (
-                GatewaySettings {
-                    listen: DEFAULT_GATEWAY_LISTEN,
-                    routes: Vec::new(),
-                },
+                GatewaySettings::new(DEFAULT_GATEWAY_LISTEN),
                 Listen::Default,
             ),
         };
@@ -450,6 +447,7 @@ impl Checker<'_> {
             subscriptions,
             sagas,
             services,
+            bffs: Vec::new(),
         }
     }
 
@@ -470,10 +468,7 @@ impl Checker<'_> {
     // ---- [gateway] and [control] ----
 
     fn gateway(&mut self, value: &Value<'_>, services: &[Service]) -> (GatewaySettings, Listen) {
-        let mut settings = GatewaySettings {
-            listen: DEFAULT_GATEWAY_LISTEN,
-            routes: Vec::new(),
-        };
+        let mut settings = GatewaySettings::new(DEFAULT_GATEWAY_LISTEN);
         let Some(table) = self.table(value, "gateway") else {
             return (settings, Listen::Invalid);
         };
@@ -916,11 +911,10 @@ impl Checker<'_> {
 
             if let (Some(prefix), Some(service)) = (prefix, service) {
                 routes.push(Route {
-                    prefix,
-                    service,
                     rewrite,
                     retry_non_idempotent,
                     fallback,
+                    ..Route::new(prefix, service)
                 });
             }
         }
@@ -1132,6 +1126,7 @@ impl Checker<'_> {
                 policy,
                 env,
                 depends_on: Vec::new(),
+                protocol: Protocol::Http,
             },
             depends_on,
         }

@@ -77,6 +77,52 @@ pub enum Error {
         max_concurrent: u32,
         max_queue: u32,
     },
+    /// The edge refuses the request on the client's account: no or bad credentials, too many
+    /// requests, too large a body, a CORS origin it does not allow, an unknown API version.
+    #[error("{}", .0.detail)]
+    Refused(Box<Refusal>),
+}
+
+/// A refusal by an edge check (auth, rate limit, limits, CORS, versions): the problem's status,
+/// kind and detail, and the headers the status calls for (`WWW-Authenticate` on a 401,
+/// `Retry-After` and `RateLimit-*` on a 429, ...).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: StatusCode,
+    /// The problem `type` (`urn:flotilla:problem:...`) and `title`.
+    pub kind: &'static str,
+    pub title: &'static str,
+    /// Says what was wrong and, where it helps, what to do; never echoes secrets.
+    pub detail: String,
+    pub headers: http::HeaderMap,
+}
+
+impl Refusal {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            title,
+            detail: detail.into(),
+            headers: http::HeaderMap::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: http::HeaderName, value: HeaderValue) -> Self {
+        self.headers.append(name, value);
+        self
+    }
+}
+
+impl From<Refusal> for Error {
+    fn from(refusal: Refusal) -> Self {
+        Error::Refused(Box::new(refusal))
+    }
 }
 
 impl Error {
@@ -101,6 +147,7 @@ impl Error {
             | Error::BreakerOpen { .. }
             | Error::BulkheadFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::ConnectTimeout { .. } | Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::Refused(refusal) => refusal.status,
         }
     }
 
@@ -136,6 +183,7 @@ impl Error {
                 ("urn:flotilla:problem:breaker-open", "Circuit breaker open")
             }
             Error::BulkheadFull { .. } => ("urn:flotilla:problem:bulkhead-full", "Bulkhead full"),
+            Error::Refused(refusal) => (refusal.kind, refusal.title),
         }
     }
 
@@ -161,6 +209,11 @@ impl Error {
                 response
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            Error::Refused(refusal) => {
+                for (name, value) in &refusal.headers {
+                    response.headers_mut().append(name, value.clone());
+                }
             }
             _ => {}
         }

@@ -46,7 +46,7 @@ use http::{Request, Response};
 use tower::{Service, ServiceBuilder};
 
 pub use edge::{Edge, EdgeLayer, EdgeService, PresetTarget};
-pub use error::Error;
+pub use error::{Error, Refusal};
 pub use forwarded::{
     Forwarded, ForwardedLayer, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
@@ -191,6 +191,27 @@ where
         // Where the request goes: path routes (gateway) or host name (sidecar). Under the rescue
         // layer, so a rejection (404, 405, …) is an ordinary problem with the request id.
         .layer(EdgeLayer::new(edge))
+        .service(below_edge(resilience, settings))
+}
+
+/// The part of the stack below the edge: requests must carry their [`Target`]. An edge that
+/// does more than pick a target (the gateway: auth, rate limits, composition) wraps this in its
+/// own layer under [`RequestIdLayer`] and [`RescueLayer`], and may call it several times per
+/// request (a Backend-for-Frontend route calls one target per part).
+pub fn below_edge<D, B>(
+    resilience: resilience::ResilienceLayer<D>,
+    settings: ProxySettings,
+) -> impl Service<Request<B>, Response = Response<ProxyBody>, Error = BoxError, Future: Send + 'static>
++ Clone
++ Send
++ Sync
++ 'static
+where
+    D: Discovery,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    ServiceBuilder::new()
         // Before the forwarded headers: a client's `Connection: x-forwarded-for` must remove the
         // client's copy, not the one we are about to add.
         .layer(HopByHopLayer::new())

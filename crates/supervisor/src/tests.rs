@@ -86,6 +86,7 @@ fn service(name: &str, run: &[&str]) -> Service {
         policy: Default::default(),
         env: BTreeMap::new(),
         depends_on: Vec::new(),
+        protocol: Default::default(),
     }
 }
 
@@ -107,10 +108,7 @@ fn fleet(services: Vec<Service>, extra_env: Arc<dyn InstanceEnv>) -> Fleet {
         app: "test".into(),
         path: dir.path().join("flotilla.toml"),
         dir: dir.path().to_owned(),
-        gateway: GatewaySettings {
-            listen: ([127, 0, 0, 1], 0).into(),
-            routes: Vec::new(),
-        },
+        gateway: GatewaySettings::new(([127, 0, 0, 1], 0).into()),
         control: ControlSettings {
             listen: ([127, 0, 0, 1], 0).into(),
         },
@@ -120,6 +118,7 @@ fn fleet(services: Vec<Service>, extra_env: Arc<dyn InstanceEnv>) -> Fleet {
         subscriptions: Vec::new(),
         sagas: Default::default(),
         services,
+        bffs: Vec::new(),
     };
     let registry = Registry::new();
     let logs = Arc::new(LogStore::new(10_000));
