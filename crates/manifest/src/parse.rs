@@ -26,6 +26,7 @@ use crate::model::{
 use crate::suggest::closest;
 
 mod sagas;
+mod versions;
 
 type Value<'i> = Spanned<DeValue<'i>>;
 type Span = Range<usize>;
@@ -89,6 +90,11 @@ const ROUTE_KEYS: &[&str] = &[
     "rewrite",
     "retry_non_idempotent",
     "fallback",
+    "version",
+    "default_version",
+    "deprecated",
+    "sunset",
+    "deprecation_link",
 ];
 const CONTROL_KEYS: &[&str] = &["listen"];
 const SERVICE_KEYS: &[&str] = &[
@@ -863,7 +869,7 @@ impl Checker<'_> {
         let mut known: Vec<&str> = services.iter().map(|s| &*s.name).collect();
         known.sort_unstable();
 
-        let mut routes: Vec<Route> = Vec::new();
+        let mut routes: Vec<(Route, Span)> = Vec::new();
         // Prefix -> line and service (as written) of the route that used it first.
         let mut claimed: HashMap<String, (usize, Option<String>)> = HashMap::new();
         for item in items.iter() {
@@ -875,7 +881,12 @@ impl Checker<'_> {
             let written_service = table
                 .get("service")
                 .and_then(|value| value.get_ref().as_str());
+            let versioned = table.contains_key("version");
             let prefix = match table.get("prefix") {
+                Some(value) if versioned => self.absolute_path(value, "prefix").map(|raw| {
+                    let trimmed = raw.trim_end_matches('/');
+                    if trimmed.is_empty() { "/" } else { trimmed }.to_owned()
+                }),
                 Some(value) => self.route_prefix(value, written_service, &mut claimed),
                 None => {
                     self.error(
@@ -890,7 +901,7 @@ impl Checker<'_> {
                 }
             };
             let service = match table.get("service") {
-                Some(value) => self.route_service(value, services, &known),
+                Some(value) => self.route_target(value, services, &known),
                 None => {
                     self.error(
                         &item.span(),
@@ -909,16 +920,26 @@ impl Checker<'_> {
                 .section(table, "gateway.routes", "fallback", FALLBACK_KEYS)
                 .map(|table| self.fallback(table));
 
-            if let (Some(prefix), Some(service)) = (prefix, service) {
-                routes.push(Route {
+            let version = self.route_version(table);
+            let deprecation = self.route_deprecation(table);
+
+            if let (Some(prefix), Some((service, service_version))) = (prefix, service) {
+                let route = Route {
                     rewrite,
                     retry_non_idempotent,
                     fallback,
+                    service_version,
+                    version,
+                    deprecation,
                     ..Route::new(prefix, service)
-                });
+                };
+                routes.push((route, item.span()));
             }
         }
-        // Longest first, so the first prefix that matches a request is the most specific one.
+        self.check_route_versions(&routes);
+        let mut routes: Vec<Route> = routes.into_iter().map(|(route, _)| route).collect();
+        // Longest first, so the first prefix that matches a request is the most specific one;
+        // the sort is stable, so the versions of one prefix keep their file order.
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         routes
     }
@@ -952,13 +973,40 @@ impl Checker<'_> {
         Some(prefix)
     }
 
+    /// The route's service and, for `service = "orders@2"`, the version of it that serves.
+    fn route_target(
+        &mut self,
+        value: &Value<'_>,
+        services: &[Service],
+        known: &[&str],
+    ) -> Option<(Arc<str>, Option<String>)> {
+        let written = self.string(value, "service")?;
+        let Some((_, version)) = written.split_once('@') else {
+            return self
+                .route_service(value, services, known)
+                .map(|service| (service, None));
+        };
+        if version.is_empty() || version.contains(['@', ' ', '/']) {
+            self.error(
+                &value.span(),
+                format!("invalid service version in {written:?}"),
+                Some("write the service and the version it runs, like \"orders@2\"".into()),
+            );
+            return None;
+        }
+        let version = version.to_owned();
+        self.route_service(value, services, known)
+            .map(|service| (service, Some(version)))
+    }
+
     fn route_service(
         &mut self,
         value: &Value<'_>,
         services: &[Service],
         known: &[&str],
     ) -> Option<Arc<str>> {
-        let name = self.string(value, "service")?;
+        let written = self.string(value, "service")?;
+        let name = written.split_once('@').map_or(written, |(name, _)| name);
         if let Some(service) = services.iter().find(|s| &*s.name == name) {
             return Some(service.name.clone());
         }
