@@ -95,15 +95,35 @@ impl Table {
         let Some((name, instances)) = self.services.iter().find(|(n, _)| &**n == service) else {
             return;
         };
-        let endpoints: Endpoints = instances
-            .iter()
-            .filter(|i| i.health == Health::Healthy)
-            .map(|i| Endpoint {
-                instance: i.instance.clone(),
-                addr: i.addr,
-            })
-            .collect();
-        self.healthy.insert(name.clone(), endpoints);
+        let healthy = |version: Option<&str>| -> Endpoints {
+            instances
+                .iter()
+                .filter(|i| i.health == Health::Healthy && version.is_none_or(|v| v == i.version))
+                .map(|i| Endpoint {
+                    instance: i.instance.clone(),
+                    addr: i.addr,
+                })
+                .collect()
+        };
+        // Each version is also a name of its own (`orders@2`), so a route or a canary can send
+        // traffic to one version only.
+        let mut versioned: Vec<(Arc<str>, Endpoints)> = Vec::new();
+        for instance in instances {
+            let key = format!("{name}@{}", instance.version);
+            if !versioned.iter().any(|(k, _)| **k == key) {
+                versioned.push((key.into(), healthy(Some(&instance.version))));
+            }
+        }
+        let all = healthy(None);
+        let name = name.clone();
+        let prefix_len = name.len() + 1;
+        self.healthy.retain(|key, _| {
+            !(key.len() > prefix_len
+                && key.starts_with(&*name)
+                && key.as_bytes()[name.len()] == b'@')
+        });
+        self.healthy.insert(name, all);
+        self.healthy.extend(versioned);
     }
 }
 
@@ -261,9 +281,16 @@ impl Registry {
 
 impl Discovery for Registry {
     fn resolve(&self, service: &str) -> Resolution {
-        match self.read().healthy.get(service) {
+        let table = self.read();
+        match table.healthy.get(service) {
             Some(endpoints) => Resolution::Endpoints(endpoints.clone()),
-            None => Resolution::Unknown,
+            // A version no instance runs (yet) of a declared service: nothing to send to.
+            None => match service.split_once('@') {
+                Some((base, _)) if table.healthy.contains_key(base) => {
+                    Resolution::Endpoints(Endpoints::default())
+                }
+                _ => Resolution::Unknown,
+            },
         }
     }
 }
@@ -296,6 +323,29 @@ mod tests {
             Resolution::Endpoints(e) => e.iter().map(|e| e.addr).collect(),
             Resolution::Unknown => panic!("{service} unknown"),
         }
+    }
+
+    #[test]
+    fn each_version_resolves_on_its_own() {
+        let registry = Registry::new();
+        registry.declare_service("orders");
+        let v1: SocketAddr = "127.0.0.1:1001".parse().expect("addr");
+        let v2: SocketAddr = "127.0.0.1:1002".parse().expect("addr");
+        registry.register("orders", "orders-1", v1, "1");
+        registry.register("orders", "orders-2", v2, "2");
+        registry.set_health("orders", "orders-1", Health::Healthy, None);
+        registry.set_health("orders", "orders-2", Health::Healthy, None);
+        assert_eq!(endpoints(&registry, "orders"), [v1, v2]);
+        assert_eq!(endpoints(&registry, "orders@1"), [v1]);
+        assert_eq!(endpoints(&registry, "orders@2"), [v2]);
+        // A version nobody runs is known but empty; a version of an unknown service is unknown.
+        assert!(endpoints(&registry, "orders@3").is_empty());
+        assert!(matches!(registry.resolve("nosuch@1"), Resolution::Unknown));
+        registry.set_health("orders", "orders-2", Health::Unhealthy, None);
+        assert!(endpoints(&registry, "orders@2").is_empty());
+        registry.deregister("orders", "orders-2");
+        assert_eq!(endpoints(&registry, "orders"), [v1]);
+        assert!(endpoints(&registry, "orders@2").is_empty());
     }
 
     #[test]

@@ -125,7 +125,10 @@ impl FaultTable {
         if table.is_empty() {
             return None;
         }
-        table.get(service).cloned()
+        table
+            .get(service)
+            .or_else(|| table.get(super::base_service(service)))
+            .cloned()
     }
 
     /// Every service with faults, sorted by name.

@@ -31,6 +31,14 @@ pub struct Policies {
     default: Arc<Policy>,
 }
 
+/// `orders` of `orders@2`: discovery resolves the version's instances, but policies, faults and
+/// breakers' settings belong to the service.
+pub fn base_service(callee: &str) -> &str {
+    callee
+        .split_once('@')
+        .map_or(callee, |(service, _)| service)
+}
+
 impl Policies {
     pub fn new(by_service: impl IntoIterator<Item = (Arc<str>, Policy)>) -> Self {
         Self {
@@ -51,9 +59,11 @@ impl Policies {
         )
     }
 
+    /// The policy of `service`; a version of a service (`orders@2`) has the service's policy.
     pub fn get(&self, service: &str) -> Arc<Policy> {
         self.by_service
             .get(service)
+            .or_else(|| self.by_service.get(base_service(service)))
             .unwrap_or(&self.default)
             .clone()
     }
