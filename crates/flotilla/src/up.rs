@@ -188,7 +188,9 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
     let gateway = flotilla_gateway::serve_threaded(
         gateway_listener.into_std()?,
         std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN),
-        &manifest.gateway.routes,
+        Arc::new(flotilla_gateway::Gateway::from_routes(
+            &manifest.gateway.routes,
+        )),
         flotilla_gateway::resilience(discovery.clone(), resilience.clone()),
         edge_stop.clone(),
     )

@@ -72,7 +72,13 @@ async fn gateway() -> Gateway {
         let shutdown = shutdown.clone();
         async move {
             let resilience = flotilla_gateway::resilience(Arc::new(registry), Default::default());
-            flotilla_gateway::serve(listener, &routes, resilience, shutdown).await
+            flotilla_gateway::serve(
+                listener,
+                std::sync::Arc::new(flotilla_gateway::Gateway::from_routes(&routes)),
+                resilience,
+                shutdown,
+            )
+            .await
         }
     });
     Gateway {
