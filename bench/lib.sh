@@ -49,12 +49,18 @@ instance_port() {
     "$1" status -C "$2" --json | python3 -c 'import json,sys; print([i for i in json.load(sys.stdin)["instances"] if i["service"]==sys.argv[1]][0]["port"])' "$3"
 }
 
-# measure NAME URL DURATION CONNECTIONS: one wrk run after a short warm-up; prints a line and
-# sets rps_NAME, p99_NAME.
+# measure NAME URL DURATION CONNECTIONS [WRK ARGS...]: one wrk run after a short warm-up; prints
+# a line and sets rps_NAME, p99_NAME.
 measure() {
     local name="$1" url="$2" duration="$3" connections="$4" out rps p50 p99
-    wrk -t1 -c2 -d2s "$url" >/dev/null # warm up pools and caches
-    out="$(wrk -t"$threads" -c"$connections" -d"$duration" --latency "$url")"
+    shift 4
+    wrk -t1 -c2 -d2s "$@" "$url" >/dev/null # warm up pools and caches
+    out="$(wrk -t"$threads" -c"$connections" -d"$duration" --latency "$@" "$url")"
+    if grep -q 'Non-2xx' <<<"$out"; then
+        echo "$name: not every answer was 2xx; the figures would measure refusals:" >&2
+        echo "$out" >&2
+        exit 1
+    fi
     rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")"
     p50="$(awk '$1 == "50%" {print $2}' <<<"$out")"
     p99="$(awk '$1 == "99%" {print $2}' <<<"$out")"
