@@ -213,6 +213,10 @@ pub struct UpArgs {
     /// Skip the services' build commands
     #[arg(long)]
     pub no_build: bool,
+    /// Serve the gateway over HTTPS (HTTP/2 and HTTP/1.1) with a self-signed development
+    /// certificate for localhost, made once under .flotilla/tls, unless [gateway.tls] names one
+    #[arg(long)]
+    pub tls: bool,
     /// Internal: this process is the background half of `up -d`
     #[arg(long, hide = true)]
     pub detached_child: bool,

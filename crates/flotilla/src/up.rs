@@ -668,6 +668,9 @@ async fn detach(args: &UpArgs, manifest: &Manifest) -> Result<ExitCode> {
     if let Some(addr) = args.otlp_listen {
         command.arg("--otlp-listen").arg(addr.to_string());
     }
+    if args.tls {
+        command.arg("--tls");
+    }
     if args.no_build {
         command.arg("--no-build");
     }
