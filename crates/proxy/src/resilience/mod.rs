@@ -16,19 +16,22 @@ pub mod faults;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use flotilla_manifest::{Manifest, Policy};
+use flotilla_manifest::{Manifest, Policy, Protocol};
 use serde::{Deserialize, Serialize};
 
 pub use breaker::BreakerState;
-pub use call::{MAX_REPLAY_BODY, ReplayBody, ResilienceLayer, ResilienceService};
+pub use call::{Deadline, MAX_REPLAY_BODY, ReplayBody, ResilienceLayer, ResilienceService};
 pub(crate) use callee::Callee;
 pub use faults::{FaultTable, Faults};
 
-/// Each service's policy, with the default for services the manifest gives none.
+/// Each service's policy, with the default for services the manifest gives none, and how its
+/// instances are spoken to.
 #[derive(Debug, Default)]
 pub struct Policies {
     by_service: HashMap<Arc<str>, Arc<Policy>>,
     default: Arc<Policy>,
+    /// Services spoken to in anything but HTTP/1.1; few or none, so usually empty.
+    protocols: HashMap<Arc<str>, Protocol>,
 }
 
 impl Policies {
@@ -39,7 +42,21 @@ impl Policies {
                 .map(|(s, p)| (s, Arc::new(p)))
                 .collect(),
             default: Arc::default(),
+            protocols: HashMap::new(),
         }
+    }
+
+    /// Sets how the proxies speak to each listed service (the rest: HTTP/1.1).
+    pub fn with_protocols(
+        mut self,
+        protocols: impl IntoIterator<Item = (Arc<str>, Protocol)>,
+    ) -> Self {
+        self.protocols.extend(
+            protocols
+                .into_iter()
+                .filter(|(_, protocol)| *protocol != Protocol::Http),
+        );
+        self
     }
 
     pub fn from_manifest(manifest: &Manifest) -> Self {
@@ -49,6 +66,12 @@ impl Policies {
                 .iter()
                 .map(|s| (s.name.clone(), s.policy.clone())),
         )
+        .with_protocols(
+            manifest
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.protocol)),
+        )
     }
 
     pub fn get(&self, service: &str) -> Arc<Policy> {
@@ -56,6 +79,11 @@ impl Policies {
             .get(service)
             .unwrap_or(&self.default)
             .clone()
+    }
+
+    /// How the proxies speak to `service`'s instances.
+    pub fn protocol(&self, service: &str) -> Protocol {
+        self.protocols.get(service).copied().unwrap_or_default()
     }
 }
 
