@@ -201,9 +201,10 @@ impl tower::Service<Request> for Recommendations {
                     .map(tonic::Response::new);
                 std::future::ready(answer)
             });
-            let mut grpc = tonic::server::Grpc::new(
-                ProstCodec::<RecommendResponse, RecommendRequest>::default(),
-            );
+            let mut grpc = tonic::server::Grpc::new(ProstCodec::<
+                RecommendResponse,
+                RecommendRequest,
+            >::default());
             Ok(grpc.unary(recommend, request).await)
         })
     }
