@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! request id → rescue → edge → hop-by-hop strip → forwarded headers → path rewrite
-//!            → balance over Discovery → upstream HTTP/1.1 client → instance
+//!            → balance over Discovery → upstream client (HTTP/1.1, h2c for gRPC) → instance
 //! ```
 //!
 //! [`stack_with_edge`] builds it (see there for why each layer sits where it does), [`stack`] is
