@@ -30,7 +30,7 @@ pub use faults::{FaultTable, Faults};
 pub struct Policies {
     by_service: HashMap<Arc<str>, Arc<Policy>>,
     default: Arc<Policy>,
-    /// Services spoken to in anything but HTTP/1.1; few or none, so usually empty.
+    /// Read once per callee, when its breakers are set up; absent means HTTP/1.1.
     protocols: HashMap<Arc<str>, Protocol>,
 }
 
@@ -46,16 +46,12 @@ impl Policies {
         }
     }
 
-    /// Sets how the proxies speak to each listed service (the rest: HTTP/1.1).
+    /// Sets how the proxies speak to each listed service (unlisted ones: HTTP/1.1).
     pub fn with_protocols(
         mut self,
         protocols: impl IntoIterator<Item = (Arc<str>, Protocol)>,
     ) -> Self {
-        self.protocols.extend(
-            protocols
-                .into_iter()
-                .filter(|(_, protocol)| *protocol != Protocol::Http),
-        );
+        self.protocols.extend(protocols);
         self
     }
 
@@ -81,9 +77,11 @@ impl Policies {
             .clone()
     }
 
-    /// How the proxies speak to `service`'s instances.
+    /// How the proxies speak to `service`'s instances. A versioned target (`orders@1`, some of
+    /// the service's instances) speaks as its service does.
     pub fn protocol(&self, service: &str) -> Protocol {
-        self.protocols.get(service).copied().unwrap_or_default()
+        let name = service.split_once('@').map_or(service, |(name, _)| name);
+        self.protocols.get(name).copied().unwrap_or_default()
     }
 }
 
@@ -235,4 +233,21 @@ pub(crate) fn is_idempotent(method: &http::Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_by_service_and_versioned_target() {
+        let policies = Policies::new([]).with_protocols([
+            (Arc::from("recommendations"), Protocol::Grpc),
+            (Arc::from("orders"), Protocol::Http),
+        ]);
+        assert_eq!(policies.protocol("recommendations"), Protocol::Grpc);
+        assert_eq!(policies.protocol("recommendations@2"), Protocol::Grpc);
+        assert_eq!(policies.protocol("orders"), Protocol::Http);
+        assert_eq!(policies.protocol("unlisted"), Protocol::Http);
+    }
 }
