@@ -19,12 +19,13 @@ use crate::command::split_words;
 use crate::diagnostic::{Diagnostic, Diagnostics, LineIndex};
 use crate::model::{
     BreakerPolicy, BulkheadPolicy, ControlSettings, EventBackend, EventSettings, Fallback, Fsync,
-    GatewaySettings, HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy, Protocol,
+    GatewaySettings, HealthSettings, LoadBalancer, Manifest, OutlierPolicy, Policy,
     RestartSettings, RetryPolicy, Route, SagaSettings, Service, Subscription, TelemetrySettings,
     TelemetryStorage, Topic,
 };
 use crate::suggest::closest;
 
+mod protocol;
 mod sagas;
 mod versions;
 
@@ -107,6 +108,7 @@ const SERVICE_KEYS: &[&str] = &[
     "health",
     "restart",
     "policy",
+    "protocol",
 ];
 const HEALTH_KEYS: &[&str] = &[
     "path",
@@ -1161,6 +1163,10 @@ impl Checker<'_> {
             .section(body, &path, "policy", POLICY_KEYS)
             .map(|table| self.policy(table, &path))
             .unwrap_or_default();
+        let protocol = body
+            .get("protocol")
+            .map(|value| self.protocol(value))
+            .unwrap_or_default();
 
         ServiceDraft {
             service: Service {
@@ -1174,7 +1180,7 @@ impl Checker<'_> {
                 policy,
                 env,
                 depends_on: Vec::new(),
-                protocol: Protocol::Http,
+                protocol,
             },
             depends_on,
         }

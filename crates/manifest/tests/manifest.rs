@@ -323,7 +323,7 @@ fn unknown_key_in_service() {
     assert_eq!(
         help(&error),
         "did you mean `replicas`? allowed keys in [services.web] are: build, run, version, \
-         replicas, env, depends_on, health, restart, policy"
+         replicas, env, depends_on, health, restart, policy, protocol"
     );
 }
 

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use flotilla_manifest::{LoadBalancer, OutlierPolicy};
+use flotilla_manifest::{LoadBalancer, OutlierPolicy, Protocol};
 use flotilla_registry::Endpoint;
 use tokio::time::Instant;
 
@@ -25,6 +25,8 @@ const DECAY: Duration = Duration::from_secs(10);
 pub struct Picked {
     pub service: std::sync::Arc<str>,
     pub endpoint: Endpoint,
+    /// How to speak to it: HTTP/1.1, or HTTP/2 with prior knowledge for gRPC.
+    pub protocol: Protocol,
 }
 
 /// What the balancer knows about one instance.

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! request id → rescue → edge → hop-by-hop strip → forwarded headers → path rewrite
-//!            → balance over Discovery → upstream HTTP/1.1 client → instance
+//!            → balance over Discovery → upstream client (HTTP/1.1, h2c for gRPC) → instance
 //! ```
 //!
 //! [`stack_with_edge`] builds it (see there for why each layer sits where it does), [`stack`] is
@@ -24,6 +24,7 @@ mod edge;
 mod error;
 mod forwarded;
 mod future;
+pub mod grpc;
 mod hop;
 mod problem;
 mod request_id;
@@ -227,6 +228,7 @@ where
         // Below the rewrite, so a retry re-sends the rewritten request; right above the client,
         // so each try picks an instance afresh.
         .layer(resilience)
-        // Pooled keep-alive HTTP/1.1 to the picked instance, bodies streamed both ways.
+        // Pooled keep-alive HTTP/1.1 to the picked instance (h2c to gRPC services), bodies and
+        // trailers streamed both ways.
         .service(Upstream::new(&settings))
 }

@@ -7,12 +7,17 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use crate::grpc;
 use crate::problem::build;
 use crate::request_id::X_REQUEST_ID;
 use crate::{BoxError, Error, ProxyBody};
 
 /// Turns every error from the layers below into a problem+json response, so the service above
 /// never fails and a connection is never torn down because one request could not be proxied.
+///
+/// A gRPC call gets a gRPC answer instead (a trailers-only response with `grpc-status`, see
+/// [`crate::grpc`]), and its `grpc-timeout` becomes the call's [`crate::resilience::Deadline`]:
+/// here, at the top, so the time the edge takes counts too.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RescueLayer;
 
@@ -68,16 +73,23 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let request_id = request.headers().get(X_REQUEST_ID).cloned();
+        // The one thing other requests pay for gRPC: a content-type lookup.
+        let grpc = grpc::is_grpc(request.headers());
+        if grpc {
+            grpc::set_deadline(&mut request);
+        }
         match self.not_ready.take() {
             Some(error) => RescueFuture::Failed {
                 error: Some(error),
                 request_id,
+                grpc,
             },
             None => RescueFuture::Called {
                 inner: self.inner.call(request),
                 request_id,
+                grpc,
             },
         }
     }
@@ -86,8 +98,8 @@ where
 pin_project! {
     #[project = RescueProj]
     pub enum RescueFuture<F> {
-        Called { #[pin] inner: F, request_id: Option<HeaderValue> },
-        Failed { error: Option<BoxError>, request_id: Option<HeaderValue> },
+        Called { #[pin] inner: F, request_id: Option<HeaderValue>, grpc: bool },
+        Failed { error: Option<BoxError>, request_id: Option<HeaderValue>, grpc: bool },
     }
 }
 
@@ -99,34 +111,57 @@ where
     type Output = Result<Response<ProxyBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (error, request_id) = match self.project() {
-            RescueProj::Called { inner, request_id } => match ready!(inner.poll(cx)) {
+        let (error, request_id, grpc) = match self.project() {
+            RescueProj::Called {
+                inner,
+                request_id,
+                grpc,
+            } => match ready!(inner.poll(cx)) {
                 Ok(response) => return Poll::Ready(Ok(response)),
-                Err(error) => (Some(error.into()), request_id),
+                Err(error) => (Some(error.into()), request_id, *grpc),
             },
-            RescueProj::Failed { error, request_id } => (error.take(), request_id),
+            RescueProj::Failed {
+                error,
+                request_id,
+                grpc,
+            } => (error.take(), request_id, *grpc),
         };
-        Poll::Ready(Ok(to_problem(error, request_id.as_ref())))
+        Poll::Ready(Ok(to_problem(error, request_id.as_ref(), grpc)))
     }
 }
 
-fn to_problem(error: Option<BoxError>, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
+fn to_problem(
+    error: Option<BoxError>,
+    request_id: Option<&HeaderValue>,
+    grpc: bool,
+) -> Response<ProxyBody> {
     match error.map(|e| e.downcast::<Error>()) {
         Some(Ok(error)) => {
             tracing::debug!(request_id = ?request_id, "{error}");
-            error.to_response(request_id)
+            if grpc {
+                grpc::error_response(&error, request_id)
+            } else {
+                error.to_response(request_id)
+            }
         }
         // Something below that is not ours (a tower layer, a bug): log it whole, tell the client
         // only that the request was not delivered.
         Some(Err(error)) => {
             tracing::warn!(request_id = ?request_id, error = %error, "proxy error");
-            proxy_error(request_id)
+            proxy_error(request_id, grpc)
         }
-        None => proxy_error(request_id),
+        None => proxy_error(request_id, grpc),
     }
 }
 
-fn proxy_error(request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
+fn proxy_error(request_id: Option<&HeaderValue>, grpc: bool) -> Response<ProxyBody> {
+    if grpc {
+        return grpc::status_response(
+            grpc::Code::Internal,
+            "the request could not be delivered",
+            request_id,
+        );
+    }
     build(
         "urn:flotilla:problem:proxy-error",
         StatusCode::BAD_GATEWAY,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{BufMut, BytesMut};
+use flotilla_manifest::Protocol;
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -20,17 +21,25 @@ use tower::Service;
 use crate::balance::Picked;
 use crate::{BoxError, Error, ProxyBody, ProxySettings};
 
-/// The innermost service: sends the request to the [`Picked`] endpoint over a pooled keep-alive
-/// HTTP/1.1 connection and streams the response back.
+/// The innermost service: sends the request to the [`Picked`] endpoint and streams the response
+/// back, over a pooled keep-alive HTTP/1.1 connection, or for gRPC services over HTTP/2 with
+/// prior knowledge (h2c), trailers included.
 pub struct Upstream<B> {
-    /// Shared so that cloning the stack per request is one reference count, not the client's six.
-    client: Arc<Client<HttpConnector, B>>,
+    /// Shared so that cloning the stack per request is one reference count, not the clients'.
+    clients: Arc<Clients<B>>,
+}
+
+struct Clients<B> {
+    http1: Client<HttpConnector, B>,
+    /// One multiplexed connection per instance; built up front, but it connects nowhere until a
+    /// gRPC service is called.
+    h2c: Client<HttpConnector, B>,
 }
 
 impl<B> Clone for Upstream<B> {
     fn clone(&self) -> Self {
         Self {
-            client: self.client.clone(),
+            clients: self.clients.clone(),
         }
     }
 }
@@ -45,14 +54,21 @@ where
         // Requests are small and latency matters more than packet count.
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(settings.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
+        let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_instance)
             // Without a timer the idle timeout is never enforced.
             .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        // gRPC needs HTTP/2 (trailers carry the status); instances serve it without TLS, so the
+        // client starts HTTP/2 at once instead of negotiating.
+        let h2c = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
             .build(connector);
         Self {
-            client: Arc::new(client),
+            clients: Arc::new(Clients { http1, h2c }),
         }
     }
 }
@@ -73,27 +89,42 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let Some(Picked { service, endpoint }) = request.extensions_mut().remove::<Picked>() else {
+        let Some(Picked {
+            service,
+            endpoint,
+            protocol,
+        }) = request.extensions_mut().remove::<Picked>()
+        else {
             return UpstreamFuture::Rejected {
                 error: Some(Error::NoTarget),
             };
         };
-        if let Err(error) = address(&mut request, endpoint.addr) {
+        if let Err(error) = address(&mut request, endpoint.addr, protocol) {
             return UpstreamFuture::Rejected { error: Some(error) };
         }
+        let client = match protocol {
+            Protocol::Http => &self.clients.http1,
+            Protocol::Grpc => &self.clients.h2c,
+        };
         UpstreamFuture::Sent {
-            inner: self.client.request(request),
+            inner: client.request(request),
             service,
             instance: endpoint.instance,
         }
     }
 }
 
-/// Points the request at `addr` while keeping what the client asked for: its Host and its path.
-fn address<B>(request: &mut Request<B>, addr: SocketAddr) -> Result<(), Error> {
-    // The instance sees the host the client used, not its own address. HTTP/2 clients and
-    // absolute-form requests carry it in the URI, which is about to be replaced.
-    if !request.headers().contains_key(HOST) {
+/// Points the request at `addr` in the version `protocol` calls for, keeping what the client asked
+/// for: its path and, over HTTP/1.1, its Host.
+fn address<B>(request: &mut Request<B>, addr: SocketAddr, protocol: Protocol) -> Result<(), Error> {
+    if protocol == Protocol::Grpc {
+        // Over HTTP/2 the authority travels as `:authority`, which must be the instance's address
+        // here (the pool is keyed by it), and a Host that differs from it is not allowed
+        // (RFC 9113 §8.3.1). The gateway's `x-forwarded-host` still tells the client's host.
+        request.headers_mut().remove(HOST);
+    } else if !request.headers().contains_key(HOST) {
+        // The instance sees the host the client used, not its own address. HTTP/2 clients and
+        // absolute-form requests carry it in the URI, which is about to be replaced.
         if let Some(host) = request
             .uri()
             .authority()
@@ -115,8 +146,11 @@ fn address<B>(request: &mut Request<B>, addr: SocketAddr) -> Result<(), Error> {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
     *request.uri_mut() = Uri::from_parts(parts).map_err(|_| Error::NoTarget)?;
-    // The pool speaks HTTP/1.1 to instances whatever the client spoke to the edge.
-    *request.version_mut() = Version::HTTP_11;
+    // What the instance speaks, whatever the client spoke to the edge.
+    *request.version_mut() = match protocol {
+        Protocol::Http => Version::HTTP_11,
+        Protocol::Grpc => Version::HTTP_2,
+    };
     Ok(())
 }
 
@@ -228,7 +262,12 @@ mod tests {
             .version(Version::HTTP_2)
             .body(())
             .expect("request");
-        address(&mut request, SocketAddr::from(([127, 0, 0, 1], 4001))).expect("addressed");
+        address(
+            &mut request,
+            SocketAddr::from(([127, 0, 0, 1], 4001)),
+            Protocol::Http,
+        )
+        .expect("addressed");
         assert_eq!(
             request.uri().to_string(),
             "http://127.0.0.1:4001/stock?sku=TEA-001"
@@ -244,8 +283,36 @@ mod tests {
             .header(HOST, "shop.example")
             .body(())
             .expect("request");
-        address(&mut request, SocketAddr::from(([127, 0, 0, 1], 4001))).expect("addressed");
+        address(
+            &mut request,
+            SocketAddr::from(([127, 0, 0, 1], 4001)),
+            Protocol::Http,
+        )
+        .expect("addressed");
         assert_eq!(request.headers()[HOST], "shop.example");
         assert_eq!(request.uri().to_string(), "http://127.0.0.1:4001/x");
+    }
+
+    #[test]
+    fn grpc_goes_over_http2_with_the_instance_as_authority() {
+        let mut request = Request::builder()
+            .method("POST")
+            .uri("http://recommendations/shop.recommendations.v1.Recommendations/Recommend")
+            .version(Version::HTTP_2)
+            .header(HOST, "recommendations")
+            .body(())
+            .expect("request");
+        address(
+            &mut request,
+            SocketAddr::from(([127, 0, 0, 1], 4002)),
+            Protocol::Grpc,
+        )
+        .expect("addressed");
+        assert_eq!(
+            request.uri().to_string(),
+            "http://127.0.0.1:4002/shop.recommendations.v1.Recommendations/Recommend"
+        );
+        assert_eq!(request.version(), Version::HTTP_2);
+        assert!(!request.headers().contains_key(HOST));
     }
 }

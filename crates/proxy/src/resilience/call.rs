@@ -44,6 +44,25 @@ pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 const X_FLOTILLA_FALLBACK: &str = "x-flotilla-fallback";
 const X_FLOTILLA_FAULT: &str = "x-flotilla-fault";
 
+/// A request's own deadline, as a request extension: the call ends at the earlier of it and the
+/// callee policy's `deadline`, and no try outlives it. gRPC clients set one with `grpc-timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: Instant,
+    /// What the client asked for, for the error when it passes.
+    pub timeout: Duration,
+}
+
+impl Deadline {
+    /// `timeout` from now.
+    pub fn after(timeout: Duration) -> Self {
+        Self {
+            at: Instant::now() + timeout,
+            timeout,
+        }
+    }
+}
+
 /// Applies the callee's policy to each request; `caller` names the breakers it keeps.
 pub struct ResilienceLayer<D> {
     shared: Arc<Shared<D>>,
@@ -165,6 +184,7 @@ impl<D: Discovery> Shared<D> {
                     self.caller.instance.clone(),
                     service.clone(),
                     self.resilience.policies.get(service),
+                    self.resilience.policies.protocol(service),
                     self.resilience.board.clone(),
                 )
             })
@@ -196,7 +216,15 @@ impl<D: Discovery> Shared<D> {
         let policy = callee.policy.clone();
 
         let start = Instant::now();
-        let deadline = start + policy.deadline;
+        let mut deadline = start + policy.deadline;
+        // Set when the request's own deadline is the earlier one: its timeout, for the error.
+        let mut requested_timeout = None;
+        if let Some(requested) = request.extensions().get::<Deadline>() {
+            if requested.at < deadline {
+                deadline = requested.at;
+                requested_timeout = Some(requested.timeout);
+            }
+        }
         let idempotent = retry_any_method || is_idempotent(request.method());
         let attempts = policy.retries.attempts.get();
         let (parts, body) = request.into_parts();
@@ -234,6 +262,10 @@ impl<D: Discovery> Shared<D> {
                 return Err(Error::NoHealthyInstance(callee.service.clone()).into());
             }
             let try_until = (now + policy.timeout).min(deadline);
+            let gives_up_after = match requested_timeout {
+                Some(requested) if try_until == deadline => requested,
+                _ => policy.timeout,
+            };
             let last = attempt == attempts || !body.replayable();
             let request_parts = match (last, parts.as_ref()) {
                 (false, Some(template)) => copy_parts(template),
@@ -251,7 +283,7 @@ impl<D: Discovery> Shared<D> {
                     &endpoints,
                     avoid.as_deref(),
                     ticket,
-                    try_until,
+                    (try_until, gives_up_after),
                 )
                 .await;
             let (result, instance) = result;
@@ -298,8 +330,8 @@ impl<D: Discovery> Shared<D> {
         Err(Error::NoTarget.into())
     }
 
-    /// One try: bulkhead, instance, faults, send, all within `until`. Returns the result and the
-    /// instance tried.
+    /// One try: bulkhead, instance, faults, send, all within `until`, a timeout reported as
+    /// `after`. Returns the result and the instance tried.
     #[allow(clippy::too_many_arguments)]
     async fn attempt<S, B>(
         &self,
@@ -309,7 +341,7 @@ impl<D: Discovery> Shared<D> {
         endpoints: &[Endpoint],
         avoid: Option<&str>,
         ticket: super::breaker::Ticket,
-        until: Instant,
+        (until, after): (Instant, Duration),
     ) -> (Result<Response<ProxyBody>, BoxError>, Option<Arc<str>>)
     where
         S: Service<Request<B>, Response = Response<ProxyBody>, Error = BoxError>,
@@ -336,7 +368,7 @@ impl<D: Discovery> Shared<D> {
                     },
                     Refusal::TimedOut => Error::Timeout {
                         service: callee.service.clone(),
-                        after: callee.policy.timeout,
+                        after,
                     },
                 };
                 return (Err(error.into()), None);
@@ -356,7 +388,7 @@ impl<D: Discovery> Shared<D> {
             let delayed_until = Instant::now() + delay;
             if delayed_until >= until {
                 tokio::time::sleep_until(until).await;
-                Err(timeout(callee))
+                Err(timeout(callee, after))
             } else {
                 tokio::time::sleep_until(delayed_until).await;
                 Ok(())
@@ -371,10 +403,11 @@ impl<D: Discovery> Shared<D> {
                 request.extensions_mut().insert(Picked {
                     service: callee.service.clone(),
                     endpoint,
+                    protocol: callee.protocol,
                 });
                 match tokio::time::timeout_at(until, inner.call(request)).await {
                     Ok(result) => result,
-                    Err(_) => Err(timeout(callee)),
+                    Err(_) => Err(timeout(callee, after)),
                 }
             }
         };
@@ -411,10 +444,10 @@ fn served(
     })
 }
 
-fn timeout(callee: &Callee) -> BoxError {
+fn timeout(callee: &Callee, after: Duration) -> BoxError {
     Error::Timeout {
         service: callee.service.clone(),
-        after: callee.policy.timeout,
+        after,
     }
     .into()
 }

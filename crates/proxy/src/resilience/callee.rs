@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use flotilla_manifest::Policy;
+use flotilla_manifest::{Policy, Protocol};
 use flotilla_registry::Endpoint;
 use tokio::time::Instant;
 
@@ -18,6 +18,8 @@ pub(crate) struct Callee {
     pub(crate) caller: Arc<str>,
     pub(crate) service: Arc<str>,
     pub(crate) policy: Arc<Policy>,
+    /// How the upstream client speaks to the instances: looked up once here, not per call.
+    pub(crate) protocol: Protocol,
     pub(crate) bulkhead: Bulkhead,
     board: Arc<Board>,
     state: Mutex<State>,
@@ -75,6 +77,7 @@ impl Callee {
         caller: Arc<str>,
         service: Arc<str>,
         policy: Arc<Policy>,
+        protocol: Protocol,
         board: Arc<Board>,
     ) -> Arc<Self> {
         let now = Instant::now();
@@ -90,6 +93,7 @@ impl Callee {
             caller,
             service,
             policy,
+            protocol,
             board: board.clone(),
         });
         board.enrol(&callee);

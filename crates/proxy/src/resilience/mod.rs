@@ -16,19 +16,22 @@ pub mod faults;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use flotilla_manifest::{Manifest, Policy};
+use flotilla_manifest::{Manifest, Policy, Protocol};
 use serde::{Deserialize, Serialize};
 
 pub use breaker::BreakerState;
-pub use call::{MAX_REPLAY_BODY, ReplayBody, ResilienceLayer, ResilienceService};
+pub use call::{Deadline, MAX_REPLAY_BODY, ReplayBody, ResilienceLayer, ResilienceService};
 pub(crate) use callee::Callee;
 pub use faults::{FaultTable, Faults};
 
-/// Each service's policy, with the default for services the manifest gives none.
+/// Each service's policy, with the default for services the manifest gives none, and how its
+/// instances are spoken to.
 #[derive(Debug, Default)]
 pub struct Policies {
     by_service: HashMap<Arc<str>, Arc<Policy>>,
     default: Arc<Policy>,
+    /// Read once per callee, when its breakers are set up; absent means HTTP/1.1.
+    protocols: HashMap<Arc<str>, Protocol>,
 }
 
 /// `orders` of `orders@2`: discovery resolves the version's instances, but policies, faults and
@@ -47,7 +50,17 @@ impl Policies {
                 .map(|(s, p)| (s, Arc::new(p)))
                 .collect(),
             default: Arc::default(),
+            protocols: HashMap::new(),
         }
+    }
+
+    /// Sets how the proxies speak to each listed service (unlisted ones: HTTP/1.1).
+    pub fn with_protocols(
+        mut self,
+        protocols: impl IntoIterator<Item = (Arc<str>, Protocol)>,
+    ) -> Self {
+        self.protocols.extend(protocols);
+        self
     }
 
     pub fn from_manifest(manifest: &Manifest) -> Self {
@@ -56,6 +69,12 @@ impl Policies {
                 .services
                 .iter()
                 .map(|s| (s.name.clone(), s.policy.clone())),
+        )
+        .with_protocols(
+            manifest
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.protocol)),
         )
     }
 
@@ -66,6 +85,13 @@ impl Policies {
             .or_else(|| self.by_service.get(base_service(service)))
             .unwrap_or(&self.default)
             .clone()
+    }
+
+    /// How the proxies speak to `service`'s instances. A versioned target (`orders@1`, some of
+    /// the service's instances) speaks as its service does.
+    pub fn protocol(&self, service: &str) -> Protocol {
+        let name = service.split_once('@').map_or(service, |(name, _)| name);
+        self.protocols.get(name).copied().unwrap_or_default()
     }
 }
 
@@ -217,4 +243,21 @@ pub(crate) fn is_idempotent(method: &http::Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_by_service_and_versioned_target() {
+        let policies = Policies::new([]).with_protocols([
+            (Arc::from("recommendations"), Protocol::Grpc),
+            (Arc::from("orders"), Protocol::Http),
+        ]);
+        assert_eq!(policies.protocol("recommendations"), Protocol::Grpc);
+        assert_eq!(policies.protocol("recommendations@2"), Protocol::Grpc);
+        assert_eq!(policies.protocol("orders"), Protocol::Http);
+        assert_eq!(policies.protocol("unlisted"), Protocol::Http);
+    }
 }
