@@ -25,6 +25,7 @@ use crate::model::{
 };
 use crate::suggest::closest;
 
+mod auth;
 mod sagas;
 
 type Value<'i> = Spanned<DeValue<'i>>;
@@ -82,13 +83,15 @@ const TELEMETRY_KEYS: &[&str] = &[
     "stored_spans_per_second",
 ];
 const SIZE_HELP: &str = "use a number of bytes or a number with a unit, like \"512MiB\" or \"1GB\"";
-const GATEWAY_KEYS: &[&str] = &["listen", "routes"];
+const GATEWAY_KEYS: &[&str] = &["listen", "routes", "auth"];
 const ROUTE_KEYS: &[&str] = &[
     "prefix",
     "service",
     "rewrite",
     "retry_non_idempotent",
     "fallback",
+    "auth",
+    "scopes",
 ];
 const CONTROL_KEYS: &[&str] = &["listen"];
 const SERVICE_KEYS: &[&str] = &[
@@ -474,8 +477,11 @@ impl Checker<'_> {
         };
         self.unknown_keys(table, GATEWAY_KEYS, "in [gateway]");
         let listen = self.listen(table, &mut settings.listen);
+        if let Some(value) = table.get("auth") {
+            settings.auth = self.authenticators(value);
+        }
         if let Some(value) = table.get("routes") {
-            settings.routes = self.routes(value, services);
+            settings.routes = self.routes(value, services, &settings.auth);
         }
         (settings, listen)
     }
@@ -850,7 +856,12 @@ impl Checker<'_> {
         }
     }
 
-    fn routes(&mut self, value: &Value<'_>, services: &[Service]) -> Vec<Route> {
+    fn routes(
+        &mut self,
+        value: &Value<'_>,
+        services: &[Service],
+        authenticators: &[crate::Authenticator],
+    ) -> Vec<Route> {
         let DeValue::Array(items) = value.get_ref() else {
             self.wrong_type(
                 value,
@@ -908,12 +919,14 @@ impl Checker<'_> {
             let fallback = self
                 .section(table, "gateway.routes", "fallback", FALLBACK_KEYS)
                 .map(|table| self.fallback(table));
+            let auth = self.route_auth(table, "[[gateway.routes]]", authenticators);
 
             if let (Some(prefix), Some(service)) = (prefix, service) {
                 routes.push(Route {
                     rewrite,
                     retry_non_idempotent,
                     fallback,
+                    auth,
                     ..Route::new(prefix, service)
                 });
             }
