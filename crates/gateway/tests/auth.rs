@@ -84,13 +84,17 @@ impl Keys {
     }
 
     fn rs256(&self, kid: &str, claims: &Value) -> String {
-        token(json!({"alg": "RS256", "kid": kid, "typ": "JWT"}), claims, |input| {
-            let mut sig = vec![0; self.rsa.public().modulus_len()];
-            self.rsa
-                .sign(&signature::RSA_PKCS1_SHA256, &self.rng, input, &mut sig)
-                .expect("RSA signature");
-            sig
-        })
+        token(
+            json!({"alg": "RS256", "kid": kid, "typ": "JWT"}),
+            claims,
+            |input| {
+                let mut sig = vec![0; self.rsa.public().modulus_len()];
+                self.rsa
+                    .sign(&signature::RSA_PKCS1_SHA256, &self.rng, input, &mut sig)
+                    .expect("RSA signature");
+                sig
+            },
+        )
     }
 
     fn es256(&self, kid: &str, claims: &Value) -> String {
@@ -117,7 +121,10 @@ fn new_ed(rng: &SystemRandom) -> Ed25519KeyPair {
 
 fn es256_with(key: &EcdsaKeyPair, rng: &SystemRandom, kid: &str, claims: &Value) -> String {
     token(json!({"alg": "ES256", "kid": kid}), claims, |input| {
-        key.sign(rng, input).expect("ECDSA signature").as_ref().to_vec()
+        key.sign(rng, input)
+            .expect("ECDSA signature")
+            .as_ref()
+            .to_vec()
     })
 }
 
@@ -258,7 +265,11 @@ fn users(jwks_url: &str, refresh: Duration) -> Authenticator {
             },
             issuer: Some(ISSUER.into()),
             audience: vec!["shop".into()],
-            algorithms: vec![JwtAlgorithm::Rs256, JwtAlgorithm::Es256, JwtAlgorithm::EdDsa],
+            algorithms: vec![
+                JwtAlgorithm::Rs256,
+                JwtAlgorithm::Es256,
+                JwtAlgorithm::EdDsa,
+            ],
             leeway: Duration::from_secs(30),
             forward_claims: vec![("x-tenant".into(), "tenant".into())],
         }),
@@ -433,14 +444,19 @@ fn assert_invalid_token(refused: &Refused, token: &str, expected: &str) {
     let challenges = refused.challenges();
     assert_eq!(challenges.len(), 1, "{challenges:?}");
     assert!(
-        challenges[0].starts_with("Bearer realm=\"flotilla\", error=\"invalid_token\", error_description=\""),
+        challenges[0].starts_with(
+            "Bearer realm=\"flotilla\", error=\"invalid_token\", error_description=\""
+        ),
         "{challenges:?}"
     );
     assert!(challenges[0].contains(expected), "{challenges:?}");
     let signature = token.rsplit('.').next().expect("signature");
     let everything = format!("{:?} {}", refused.headers, refused.problem);
     assert!(!everything.contains(token), "the token is echoed");
-    assert!(signature.is_empty() || !everything.contains(signature), "the signature is echoed");
+    assert!(
+        signature.is_empty() || !everything.contains(signature),
+        "the signature is echoed"
+    );
 }
 
 // ---- tests ----
@@ -455,9 +471,14 @@ async fn tokens_of_every_key_type_are_accepted_and_forwarded() {
         f.keys.es256("ec-1", &claims),
         f.keys.eddsa("ed-1", &claims),
     ] {
-        let headers = admit(&f.auth, &guard, bearer(&token)).await.expect("accepted");
+        let headers = admit(&f.auth, &guard, bearer(&token))
+            .await
+            .expect("accepted");
         assert_eq!(header(&headers, "x-flotilla-subject"), Some("user-42"));
-        assert_eq!(header(&headers, "x-flotilla-scopes"), Some("orders:read orders:write"));
+        assert_eq!(
+            header(&headers, "x-flotilla-scopes"),
+            Some("orders:read orders:write")
+        );
         assert_eq!(header(&headers, "x-flotilla-auth"), Some("users"));
         assert_eq!(header(&headers, "x-tenant"), Some("acme"));
     }
@@ -479,27 +500,58 @@ async fn expired_future_and_misaddressed_tokens_are_refused() {
     let f = fixture(Duration::from_secs(300)).await;
     let guard = f.auth.guard(&route(&["users"], &[])).expect("guard");
     let cases = [
-        (with(good_claims(), "exp", json!(now() - 120)), "the token has expired"),
-        (good_claims().as_object().map(|c| {
-            let mut c = c.clone();
-            c.remove("exp");
-            Value::Object(c)
-        }).expect("object"), "no expiry"),
-        (with(good_claims(), "nbf", json!(now() + 600)), "not valid yet"),
-        (with(good_claims(), "aud", json!("someone-else")), "not meant for this audience"),
-        (with(good_claims(), "iss", json!("https://evil.example/")), "issuer is not accepted"),
-        (with(good_claims(), "exp", json!("tomorrow")), "claims are not valid"),
+        (
+            with(good_claims(), "exp", json!(now() - 120)),
+            "the token has expired",
+        ),
+        (
+            good_claims()
+                .as_object()
+                .map(|c| {
+                    let mut c = c.clone();
+                    c.remove("exp");
+                    Value::Object(c)
+                })
+                .expect("object"),
+            "no expiry",
+        ),
+        (
+            with(good_claims(), "nbf", json!(now() + 600)),
+            "not valid yet",
+        ),
+        (
+            with(good_claims(), "aud", json!("someone-else")),
+            "not meant for this audience",
+        ),
+        (
+            with(good_claims(), "iss", json!("https://evil.example/")),
+            "issuer is not accepted",
+        ),
+        (
+            with(good_claims(), "exp", json!("tomorrow")),
+            "claims are not valid",
+        ),
     ];
     for (claims, expected) in cases {
         let token = f.keys.es256("ec-1", &claims);
-        let refused = admit(&f.auth, &guard, bearer(&token)).await.expect_err(expected);
+        let refused = admit(&f.auth, &guard, bearer(&token))
+            .await
+            .expect_err(expected);
         assert_invalid_token(&refused, &token, expected);
     }
     // Within the leeway, a just-expired token and one valid in a moment still pass.
-    let token = f.keys.es256("ec-1", &with(good_claims(), "exp", json!(now() - 5)));
-    admit(&f.auth, &guard, bearer(&token)).await.expect("within leeway");
-    let token = f.keys.es256("ec-1", &with(good_claims(), "nbf", json!(now() + 5)));
-    admit(&f.auth, &guard, bearer(&token)).await.expect("within leeway");
+    let token = f
+        .keys
+        .es256("ec-1", &with(good_claims(), "exp", json!(now() - 5)));
+    admit(&f.auth, &guard, bearer(&token))
+        .await
+        .expect("within leeway");
+    let token = f
+        .keys
+        .es256("ec-1", &with(good_claims(), "nbf", json!(now() + 5)));
+    admit(&f.auth, &guard, bearer(&token))
+        .await
+        .expect("within leeway");
 }
 
 #[tokio::test]
@@ -508,13 +560,19 @@ async fn a_tampered_token_is_refused() {
     let guard = f.auth.guard(&route(&["users"], &[])).expect("guard");
     let token = f.keys.rs256("rsa-1", &good_claims());
     let mut parts: Vec<String> = token.split('.').map(String::from).collect();
-    parts[1] = b64(with(good_claims(), "sub", json!("admin")).to_string().as_bytes());
+    parts[1] = b64(with(good_claims(), "sub", json!("admin"))
+        .to_string()
+        .as_bytes());
     let forged = parts.join(".");
-    let refused = admit(&f.auth, &guard, bearer(&forged)).await.expect_err("forged");
+    let refused = admit(&f.auth, &guard, bearer(&forged))
+        .await
+        .expect_err("forged");
     assert_invalid_token(&refused, &forged, "signature is not valid");
 
     for garbage in ["abc", "a.b", "a.b.c.d.e", "e30.e30.", "!!!.???.***"] {
-        let refused = admit(&f.auth, &guard, bearer(garbage)).await.expect_err(garbage);
+        let refused = admit(&f.auth, &guard, bearer(garbage))
+            .await
+            .expect_err(garbage);
         assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
         assert_eq!(refused.kind(), "urn:flotilla:problem:invalid-credentials");
     }
@@ -523,12 +581,17 @@ async fn a_tampered_token_is_refused() {
 #[tokio::test]
 async fn alg_none_is_refused() {
     let f = fixture(Duration::from_secs(300)).await;
-    let guard = f.auth.guard(&route(&["users", "internal"], &[])).expect("guard");
+    let guard = f
+        .auth
+        .guard(&route(&["users", "internal"], &[]))
+        .expect("guard");
     for alg in ["none", "None", "NONE"] {
         let header = b64(json!({"alg": alg, "typ": "JWT"}).to_string().as_bytes());
         let claims = b64(good_claims().to_string().as_bytes());
         let token = format!("{header}.{claims}.");
-        let refused = admit(&f.auth, &guard, bearer(&token)).await.expect_err("alg none");
+        let refused = admit(&f.auth, &guard, bearer(&token))
+            .await
+            .expect_err("alg none");
         assert_invalid_token(&refused, &token, "alg none");
     }
 }
@@ -542,7 +605,10 @@ async fn an_hs256_token_signed_with_the_rsa_public_key_is_refused() {
     let forgeries = [
         hs256(&public_der, &claims),
         hs256(&components.n, &claims),
-        hs256(rsa_jwk(&f.keys.rsa, "rsa-1").to_string().as_bytes(), &claims),
+        hs256(
+            rsa_jwk(&f.keys.rsa, "rsa-1").to_string().as_bytes(),
+            &claims,
+        ),
     ];
 
     // The manifest never lets HS algorithms next to a JWKS; even when they are listed (here
@@ -560,14 +626,21 @@ async fn an_hs256_token_signed_with_the_rsa_public_key_is_refused() {
     for token in &forgeries {
         let token_with_kid = {
             let mut parts: Vec<&str> = token.split('.').collect();
-            let header = b64(json!({"alg": "HS256", "kid": "rsa-1"}).to_string().as_bytes());
+            let header = b64(json!({"alg": "HS256", "kid": "rsa-1"})
+                .to_string()
+                .as_bytes());
             parts[0] = &header;
             let input = format!("{}.{}", parts[0], parts[1]);
             let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &public_der);
-            format!("{input}.{}", b64(ring::hmac::sign(&key, input.as_bytes()).as_ref()))
+            format!(
+                "{input}.{}",
+                b64(ring::hmac::sign(&key, input.as_bytes()).as_ref())
+            )
         };
         for token in [token.clone(), token_with_kid] {
-            let refused = admit(&auth, &guard, bearer(&token)).await.expect_err("confusion");
+            let refused = admit(&auth, &guard, bearer(&token))
+                .await
+                .expect_err("confusion");
             assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{refused:?}");
         }
     }
@@ -575,7 +648,9 @@ async fn an_hs256_token_signed_with_the_rsa_public_key_is_refused() {
 
     let guard = f.auth.guard(&route(&["users"], &[])).expect("guard");
     for token in &forgeries {
-        let refused = admit(&f.auth, &guard, bearer(token)).await.expect_err("confusion");
+        let refused = admit(&f.auth, &guard, bearer(token))
+            .await
+            .expect_err("confusion");
         assert_invalid_token(&refused, token, "algorithm HS256 is not accepted here");
     }
 }
@@ -590,20 +665,27 @@ async fn an_unknown_kid_fetches_the_jwks_again_so_rotation_works() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let new_key = new_ec(&f.keys.rng);
     let early = es256_with(&new_key, &f.keys.rng, "ec-2", &good_claims());
-    let refused = admit(&f.auth, &guard, bearer(&early)).await.expect_err("unknown kid");
+    let refused = admit(&f.auth, &guard, bearer(&early))
+        .await
+        .expect_err("unknown kid");
     assert_invalid_token(&refused, &early, "signing key (`kid`) is not known");
     assert_eq!(f.jwks.fetches(), 2, "an unknown kid fetches again");
 
     // A second unknown kid right away does not: refetches are rate-limited.
-    let refused = admit(&f.auth, &guard, bearer(&early)).await.expect_err("unknown kid");
+    let refused = admit(&f.auth, &guard, bearer(&early))
+        .await
+        .expect_err("unknown kid");
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     assert_eq!(f.jwks.fetches(), 2, "rate-limited");
 
     // The provider rotates: ec-1 is gone, ec-2 is in.
-    f.jwks.publish(&json!({ "keys": [ec_jwk(&new_key, "ec-2")] }));
+    f.jwks
+        .publish(&json!({ "keys": [ec_jwk(&new_key, "ec-2")] }));
     tokio::time::sleep(Duration::from_millis(400)).await;
     let rotated = es256_with(&new_key, &f.keys.rng, "ec-2", &good_claims());
-    let headers = admit(&f.auth, &guard, bearer(&rotated)).await.expect("new kid accepted");
+    let headers = admit(&f.auth, &guard, bearer(&rotated))
+        .await
+        .expect("new kid accepted");
     assert_eq!(header(&headers, "x-flotilla-subject"), Some("user-42"));
     assert_eq!(f.jwks.fetches(), 3);
     // Concurrent requests with the new key do not fetch again.
@@ -618,7 +700,9 @@ async fn an_unknown_kid_fetches_the_jwks_again_so_rotation_works() {
     assert_eq!(f.jwks.fetches(), 3);
 
     let old = f.keys.es256("ec-1", &good_claims());
-    let refused = admit(&f.auth, &guard, bearer(&old)).await.expect_err("old key gone");
+    let refused = admit(&f.auth, &guard, bearer(&old))
+        .await
+        .expect_err("old key gone");
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
 }
 
@@ -631,7 +715,9 @@ async fn a_failing_jwks_endpoint_keeps_the_last_good_keys() {
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert!(f.jwks.fetches() > before, "refreshed periodically");
     let token = f.keys.rs256("rsa-1", &good_claims());
-    admit(&f.auth, &guard, bearer(&token)).await.expect("last good keys kept");
+    admit(&f.auth, &guard, bearer(&token))
+        .await
+        .expect("last good keys kept");
 }
 
 #[tokio::test]
@@ -658,7 +744,9 @@ async fn an_unreachable_jwks_url_answers_503_until_it_can_be_fetched() {
     assert_eq!(refused.kind(), "urn:flotilla:problem:auth-unavailable");
     assert!(refused.headers.contains_key("retry-after"));
     // No token at all is still a plain 401.
-    let refused = admit(&auth, &guard, HeaderMap::new()).await.expect_err("no token");
+    let refused = admit(&auth, &guard, HeaderMap::new())
+        .await
+        .expect_err("no token");
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), auth.stopped())
@@ -679,7 +767,9 @@ async fn missing_credentials_get_401_with_a_challenge_per_scheme() {
     ];
     for (names, expected) in cases {
         let guard = f.auth.guard(&route(names, &[])).expect("guard");
-        let refused = admit(&f.auth, &guard, HeaderMap::new()).await.expect_err("no credentials");
+        let refused = admit(&f.auth, &guard, HeaderMap::new())
+            .await
+            .expect_err("no credentials");
         assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
         assert_eq!(refused.kind(), "urn:flotilla:problem:unauthenticated");
         assert_eq!(refused.problem["status"], 401);
@@ -688,7 +778,10 @@ async fn missing_credentials_get_401_with_a_challenge_per_scheme() {
     // Another scheme in `Authorization` is no bearer token.
     let guard = f.auth.guard(&route(&["users"], &[])).expect("guard");
     let mut headers = HeaderMap::new();
-    headers.insert("authorization", HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+    headers.insert(
+        "authorization",
+        HeaderValue::from_static("Basic dXNlcjpwYXNz"),
+    );
     let refused = admit(&f.auth, &guard, headers).await.expect_err("basic");
     assert_eq!(refused.kind(), "urn:flotilla:problem:unauthenticated");
 }
@@ -703,7 +796,9 @@ async fn insufficient_scope_gets_403() {
     let token = f
         .keys
         .eddsa("ed-1", &with(good_claims(), "scope", json!("orders:read")));
-    let refused = admit(&f.auth, &guard, bearer(&token)).await.expect_err("scope");
+    let refused = admit(&f.auth, &guard, bearer(&token))
+        .await
+        .expect_err("scope");
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
     assert_eq!(refused.kind(), "urn:flotilla:problem:insufficient-scope");
     assert_eq!(
@@ -711,7 +806,9 @@ async fn insufficient_scope_gets_403() {
         ["Bearer realm=\"flotilla\", error=\"insufficient_scope\", scope=\"orders:write\""]
     );
     // The same with an API key whose scopes fall short.
-    let refused = admit(&f.auth, &guard, api_key(ACME_KEY)).await.expect_err("scope");
+    let refused = admit(&f.auth, &guard, api_key(ACME_KEY))
+        .await
+        .expect_err("scope");
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
     assert_eq!(
         refused.challenges(),
@@ -719,27 +816,44 @@ async fn insufficient_scope_gets_403() {
     );
     // A credential with the scope passes.
     let token = f.keys.eddsa("ed-1", &good_claims());
-    admit(&f.auth, &guard, bearer(&token)).await.expect("scope present");
-    admit(&f.auth, &guard, api_key(GLOBEX_KEY)).await.expect("scope present");
+    admit(&f.auth, &guard, bearer(&token))
+        .await
+        .expect("scope present");
+    admit(&f.auth, &guard, api_key(GLOBEX_KEY))
+        .await
+        .expect("scope present");
 }
 
 #[tokio::test]
 async fn api_keys_valid_invalid_and_missing() {
     let f = fixture(Duration::from_secs(300)).await;
-    let guard = f.auth.guard(&route(&["partners"], &["orders:read"])).expect("guard");
-    let headers = admit(&f.auth, &guard, api_key(ACME_KEY)).await.expect("valid key");
+    let guard = f
+        .auth
+        .guard(&route(&["partners"], &["orders:read"]))
+        .expect("guard");
+    let headers = admit(&f.auth, &guard, api_key(ACME_KEY))
+        .await
+        .expect("valid key");
     assert_eq!(header(&headers, "x-flotilla-subject"), Some("acme"));
     assert_eq!(header(&headers, "x-flotilla-scopes"), Some("orders:read"));
     assert_eq!(header(&headers, "x-flotilla-auth"), Some("partners"));
 
-    for wrong in ["acme-secret-key-012345678", "", "ACME-SECRET-KEY-0123456789"] {
-        let refused = admit(&f.auth, &guard, api_key(wrong)).await.expect_err("invalid key");
+    for wrong in [
+        "acme-secret-key-012345678",
+        "",
+        "ACME-SECRET-KEY-0123456789",
+    ] {
+        let refused = admit(&f.auth, &guard, api_key(wrong))
+            .await
+            .expect_err("invalid key");
         assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
         assert_eq!(refused.kind(), "urn:flotilla:problem:invalid-credentials");
         assert_eq!(refused.detail(), "the API key is not valid");
         assert_eq!(refused.challenges(), ["ApiKey header=\"x-api-key\""]);
     }
-    let refused = admit(&f.auth, &guard, HeaderMap::new()).await.expect_err("missing");
+    let refused = admit(&f.auth, &guard, HeaderMap::new())
+        .await
+        .expect_err("missing");
     assert_eq!(refused.kind(), "urn:flotilla:problem:unauthenticated");
     assert_eq!(refused.challenges(), ["ApiKey header=\"x-api-key\""]);
 }
@@ -747,11 +861,16 @@ async fn api_keys_valid_invalid_and_missing() {
 #[tokio::test]
 async fn the_most_telling_refusal_wins_when_every_authenticator_refuses() {
     let f = fixture(Duration::from_secs(300)).await;
-    let guard = f.auth.guard(&route(&["users", "internal"], &[])).expect("guard");
+    let guard = f
+        .auth
+        .guard(&route(&["users", "internal"], &[]))
+        .expect("guard");
     // `users` cannot use HS256 at all; `internal` verifies the signature and finds it expired.
     let claims = json!({"iss": "shop", "sub": "orders", "exp": now() - 600});
     let token = hs256(SECRET.as_bytes(), &claims);
-    let refused = admit(&f.auth, &guard, bearer(&token)).await.expect_err("expired");
+    let refused = admit(&f.auth, &guard, bearer(&token))
+        .await
+        .expect_err("expired");
     assert_invalid_token(&refused, &token, "the token has expired");
     // And a good internal token passes the route although `users` refuses it.
     let claims = json!({"iss": "shop", "sub": "orders", "exp": now() + 60});
@@ -781,13 +900,21 @@ async fn spoofed_identity_headers_are_stripped() {
     let mut headers = spoofed();
     headers.insert("x-other", HeaderValue::from_static("kept"));
     f.auth.strip_identity_headers(&mut headers);
-    for name in ["x-flotilla-subject", "x-flotilla-scopes", "x-flotilla-auth", "x-tenant"] {
+    for name in [
+        "x-flotilla-subject",
+        "x-flotilla-scopes",
+        "x-flotilla-auth",
+        "x-tenant",
+    ] {
         assert!(!headers.contains_key(name), "{name} not stripped");
     }
     assert_eq!(header(&headers, "x-other"), Some("kept"));
 
     // A route with auth: the verified identity replaces what the client claimed.
-    let guard = f.auth.guard(&route(&["users", "partners"], &[])).expect("guard");
+    let guard = f
+        .auth
+        .guard(&route(&["users", "partners"], &[]))
+        .expect("guard");
     let mut request = spoofed();
     request.insert("x-api-key", HeaderValue::from_static(ACME_KEY));
     let headers = admit(&f.auth, &guard, request).await.expect("valid key");
@@ -795,7 +922,10 @@ async fn spoofed_identity_headers_are_stripped() {
     assert_eq!(subjects, ["acme"]);
     assert_eq!(header(&headers, "x-flotilla-auth"), Some("partners"));
     assert_eq!(header(&headers, "x-flotilla-scopes"), Some("orders:read"));
-    assert!(!headers.contains_key("x-tenant"), "not a claim of an API key");
+    assert!(
+        !headers.contains_key("x-tenant"),
+        "not a claim of an API key"
+    );
 }
 
 #[tokio::test]
@@ -803,8 +933,11 @@ async fn jwks_files_secrets_and_names_are_checked_at_start() {
     let keys = Keys::new();
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::create_dir(dir.path().join("keys")).expect("mkdir");
-    std::fs::write(dir.path().join("keys/jwks.json"), keys.jwks("ec-1").to_string())
-        .expect("write");
+    std::fs::write(
+        dir.path().join("keys/jwks.json"),
+        keys.jwks("ec-1").to_string(),
+    )
+    .expect("write");
     let from_file = |path: &str| Authenticator {
         name: "files".into(),
         kind: AuthKind::Jwt(JwtSettings {
@@ -820,12 +953,19 @@ async fn jwks_files_secrets_and_names_are_checked_at_start() {
         }),
     };
     let shutdown = CancellationToken::new();
-    let auth = Auth::start_with(&[from_file("keys/jwks.json")], dir.path(), shutdown.clone(), options())
-        .await
-        .expect("JWKS file relative to the manifest");
+    let auth = Auth::start_with(
+        &[from_file("keys/jwks.json")],
+        dir.path(),
+        shutdown.clone(),
+        options(),
+    )
+    .await
+    .expect("JWKS file relative to the manifest");
     let guard = auth.guard(&route(&["files"], &[])).expect("guard");
     let claims = json!({"exp": now() + 60});
-    admit(&auth, &guard, bearer(&keys.es256("ec-1", &claims))).await.expect("file key");
+    admit(&auth, &guard, bearer(&keys.es256("ec-1", &claims)))
+        .await
+        .expect("file key");
 
     // The file changes: the new key is picked up without a restart.
     let rotated = new_ec(&keys.rng);
@@ -836,7 +976,9 @@ async fn jwks_files_secrets_and_names_are_checked_at_start() {
     .expect("write");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let token = es256_with(&rotated, &keys.rng, "ec-9", &claims);
-    admit(&auth, &guard, bearer(&token)).await.expect("rotated file key");
+    admit(&auth, &guard, bearer(&token))
+        .await
+        .expect("rotated file key");
     shutdown.cancel();
 
     let start = |authenticator: Authenticator| {
@@ -849,7 +991,10 @@ async fn jwks_files_secrets_and_names_are_checked_at_start() {
         }
     };
     let error = start(from_file("keys/missing.json")).await;
-    assert!(error.contains("authenticator `files`") && error.contains("missing.json"), "{error}");
+    assert!(
+        error.contains("authenticator `files`") && error.contains("missing.json"),
+        "{error}"
+    );
     std::fs::write(dir.path().join("keys/empty.json"), r#"{"keys": []}"#).expect("write");
     let error = start(from_file("keys/empty.json")).await;
     assert!(error.contains("no usable signing key"), "{error}");

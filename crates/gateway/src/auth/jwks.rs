@@ -29,17 +29,22 @@ const MIN_RSA_BITS: usize = 2048;
 /// How a key checks a signature.
 enum Verifier {
     /// Big-endian modulus and exponent, without leading zeros.
-    Rsa { n: Box<[u8]>, e: Box<[u8]> },
+    Rsa {
+        n: Box<[u8]>,
+        e: Box<[u8]>,
+    },
     /// An uncompressed point (`04 || x || y`).
     EcdsaP256(Box<[u8]>),
     EcdsaP384(Box<[u8]>),
     Ed25519([u8; 32]),
     /// The shared secret, keyed once for each HMAC size.
-    Hmac {
-        sha256: hmac::Key,
-        sha384: hmac::Key,
-        sha512: hmac::Key,
-    },
+    Hmac(Box<HmacKeys>),
+}
+
+struct HmacKeys {
+    sha256: hmac::Key,
+    sha384: hmac::Key,
+    sha512: hmac::Key,
 }
 
 /// One verification key and the algorithms it may be used with.
@@ -55,11 +60,11 @@ impl VerificationKey {
         Self {
             kid: None,
             algorithms: algorithms.iter().copied().filter(|a| a.is_hmac()).collect(),
-            verifier: Verifier::Hmac {
+            verifier: Verifier::Hmac(Box::new(HmacKeys {
                 sha256: hmac::Key::new(hmac::HMAC_SHA256, secret),
                 sha384: hmac::Key::new(hmac::HMAC_SHA384, secret),
                 sha512: hmac::Key::new(hmac::HMAC_SHA512, secret),
-            },
+            })),
         }
     }
 
@@ -100,9 +105,9 @@ impl VerificationKey {
                 public(&signature::ECDSA_P384_SHA384_FIXED, point)
             }
             (A::EdDsa, Verifier::Ed25519(key)) => public(&signature::ED25519, key),
-            (A::Hs256, Verifier::Hmac { sha256, .. }) => hmac::verify(sha256, message, sig).is_ok(),
-            (A::Hs384, Verifier::Hmac { sha384, .. }) => hmac::verify(sha384, message, sig).is_ok(),
-            (A::Hs512, Verifier::Hmac { sha512, .. }) => hmac::verify(sha512, message, sig).is_ok(),
+            (A::Hs256, Verifier::Hmac(keys)) => hmac::verify(&keys.sha256, message, sig).is_ok(),
+            (A::Hs384, Verifier::Hmac(keys)) => hmac::verify(&keys.sha384, message, sig).is_ok(),
+            (A::Hs512, Verifier::Hmac(keys)) => hmac::verify(&keys.sha512, message, sig).is_ok(),
             _ => false,
         }
     }
@@ -186,69 +191,72 @@ fn key_from_jwk(jwk: &Jwk, accepted: &[JwtAlgorithm]) -> Result<VerificationKey,
             .decode(text)
             .map_err(|_| format!("`{name}` is not base64url"))
     };
-    let (family, verifier): (&[JwtAlgorithm], Verifier) = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
-        ("RSA", _) => {
-            let n = strip_leading_zeros(member("n", &jwk.n)?);
-            let e = strip_leading_zeros(member("e", &jwk.e)?);
-            let bits = n.first().map_or(0, |top| {
-                (n.len() - 1) * 8 + (8 - top.leading_zeros() as usize)
-            });
-            if bits < MIN_RSA_BITS {
-                return Err(format!("its RSA modulus has {bits} bits, fewer than {MIN_RSA_BITS}"));
+    let (family, verifier): (&[JwtAlgorithm], Verifier) =
+        match (jwk.kty.as_str(), jwk.crv.as_deref()) {
+            ("RSA", _) => {
+                let n = strip_leading_zeros(member("n", &jwk.n)?);
+                let e = strip_leading_zeros(member("e", &jwk.e)?);
+                let bits = n.first().map_or(0, |top| {
+                    (n.len() - 1) * 8 + (8 - top.leading_zeros() as usize)
+                });
+                if bits < MIN_RSA_BITS {
+                    return Err(format!(
+                        "its RSA modulus has {bits} bits, fewer than {MIN_RSA_BITS}"
+                    ));
+                }
+                if e.is_empty() {
+                    return Err("its RSA exponent is zero".into());
+                }
+                (
+                    &[
+                        JwtAlgorithm::Rs256,
+                        JwtAlgorithm::Rs384,
+                        JwtAlgorithm::Rs512,
+                        JwtAlgorithm::Ps256,
+                    ],
+                    Verifier::Rsa {
+                        n: n.into(),
+                        e: e.into(),
+                    },
+                )
             }
-            if e.is_empty() {
-                return Err("its RSA exponent is zero".into());
+            ("EC", Some(curve @ ("P-256" | "P-384"))) => {
+                let size = if curve == "P-256" { 32 } else { 48 };
+                let (x, y) = (member("x", &jwk.x)?, member("y", &jwk.y)?);
+                if x.len() != size || y.len() != size {
+                    return Err(format!("its {curve} coordinates are not {size} bytes each"));
+                }
+                let mut point = Vec::with_capacity(1 + 2 * size);
+                point.push(4);
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                if curve == "P-256" {
+                    (&[JwtAlgorithm::Es256], Verifier::EcdsaP256(point.into()))
+                } else {
+                    (&[JwtAlgorithm::Es384], Verifier::EcdsaP384(point.into()))
+                }
             }
-            (
-                &[
-                    JwtAlgorithm::Rs256,
-                    JwtAlgorithm::Rs384,
-                    JwtAlgorithm::Rs512,
-                    JwtAlgorithm::Ps256,
-                ],
-                Verifier::Rsa {
-                    n: n.into(),
-                    e: e.into(),
-                },
-            )
-        }
-        ("EC", Some(curve @ ("P-256" | "P-384"))) => {
-            let size = if curve == "P-256" { 32 } else { 48 };
-            let (x, y) = (member("x", &jwk.x)?, member("y", &jwk.y)?);
-            if x.len() != size || y.len() != size {
-                return Err(format!("its {curve} coordinates are not {size} bytes each"));
+            ("OKP", Some("Ed25519")) => {
+                let x: [u8; 32] = member("x", &jwk.x)?
+                    .try_into()
+                    .map_err(|_| "its Ed25519 key is not 32 bytes".to_owned())?;
+                (&[JwtAlgorithm::EdDsa], Verifier::Ed25519(x))
             }
-            let mut point = Vec::with_capacity(1 + 2 * size);
-            point.push(4);
-            point.extend_from_slice(&x);
-            point.extend_from_slice(&y);
-            if curve == "P-256" {
-                (&[JwtAlgorithm::Es256], Verifier::EcdsaP256(point.into()))
-            } else {
-                (&[JwtAlgorithm::Es384], Verifier::EcdsaP384(point.into()))
+            ("EC" | "OKP", curve) => {
+                return Err(format!(
+                    "curve {:?} is not supported (P-256, P-384 and Ed25519 are)",
+                    curve.unwrap_or("")
+                ));
             }
-        }
-        ("OKP", Some("Ed25519")) => {
-            let x: [u8; 32] = member("x", &jwk.x)?
-                .try_into()
-                .map_err(|_| "its Ed25519 key is not 32 bytes".to_owned())?;
-            (&[JwtAlgorithm::EdDsa], Verifier::Ed25519(x))
-        }
-        ("EC" | "OKP", curve) => {
-            return Err(format!(
-                "curve {:?} is not supported (P-256, P-384 and Ed25519 are)",
-                curve.unwrap_or("")
-            ));
-        }
-        ("oct", _) => {
-            return Err(
-                "symmetric (`oct`) keys are not taken from a JWKS; use `secret_env` for HS \
+            ("oct", _) => {
+                return Err(
+                    "symmetric (`oct`) keys are not taken from a JWKS; use `secret_env` for HS \
                  algorithms"
-                    .into(),
-            );
-        }
-        (kty, _) => return Err(format!("key type {kty:?} is not supported")),
-    };
+                        .into(),
+                );
+            }
+            (kty, _) => return Err(format!("key type {kty:?} is not supported")),
+        };
     let mut algorithms: Vec<JwtAlgorithm> = family
         .iter()
         .copied()
@@ -458,7 +466,10 @@ impl RemoteKeys {
     /// Reloads every `refresh` (every `min_refetch` while nothing has loaded yet) until
     /// `shutdown`; a failed reload keeps the last good keys. A file is read again only when
     /// its modification time changed.
-    pub(crate) async fn refresh_until(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+    pub(crate) async fn refresh_until(
+        self: Arc<Self>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         loop {
             let period = if self.current().is_some() {
                 self.refresh
@@ -515,7 +526,11 @@ mod tests {
         let all = JwtAlgorithm::ALL;
         let (set, _) = parse_jwks(jwks, &all).expect("key");
         for alg in all {
-            assert_eq!(set.keys[0].may_verify(alg), alg == JwtAlgorithm::EdDsa, "{alg:?}");
+            assert_eq!(
+                set.keys[0].may_verify(alg),
+                alg == JwtAlgorithm::EdDsa,
+                "{alg:?}"
+            );
         }
         // Naming an algorithm of another family is a broken key, not a licence.
         let mislabelled = br#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "alg": "HS256",

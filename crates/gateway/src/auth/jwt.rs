@@ -66,7 +66,9 @@ impl<'t> Token<'t> {
         else {
             return Err(malformed());
         };
-        let header_json = URL_SAFE_NO_PAD.decode(encoded_header).map_err(|_| malformed())?;
+        let header_json = URL_SAFE_NO_PAD
+            .decode(encoded_header)
+            .map_err(|_| malformed())?;
         let header: Header = serde_json::from_slice(&header_json).map_err(|_| malformed())?;
         if header.crit.is_some() {
             return Err(Rejection::format(
@@ -117,7 +119,11 @@ impl JwtAuthenticator {
         Self {
             keys,
             issuer: settings.issuer.as_deref().map(Into::into),
-            audience: settings.audience.iter().map(|a| a.as_str().into()).collect(),
+            audience: settings
+                .audience
+                .iter()
+                .map(|a| a.as_str().into())
+                .collect(),
             algorithms: settings.algorithms.clone().into(),
             leeway: settings.leeway,
             forward,
@@ -224,7 +230,9 @@ impl JwtAuthenticator {
                 .iter()
                 .any(|aud| self.audience.iter().any(|a| **a == **aud))
         {
-            return Err(Rejection::claims("the token is not meant for this audience"));
+            return Err(Rejection::claims(
+                "the token is not meant for this audience",
+            ));
         }
         Ok(())
     }
@@ -361,7 +369,9 @@ impl<'de> Visitor<'de> for ClaimsSeed<'_> {
             if let Some(header_value) = text.and_then(|text| HeaderValue::try_from(text).ok()) {
                 let claim = &self.forward[first].1;
                 for (header, _) in self.forward[first..].iter().filter(|(_, c)| c == claim) {
-                    claims.forwarded.push((header.clone(), header_value.clone()));
+                    claims
+                        .forwarded
+                        .push((header.clone(), header_value.clone()));
                 }
             }
             if field != Field::Other {

@@ -140,7 +140,8 @@ impl Auth {
                         JwtKeys::SecretEnv { variable } => {
                             let secret = secret(options.env, variable, &settings.algorithms)
                                 .map_err(fail)?;
-                            let key = VerificationKey::secret(secret.as_bytes(), &settings.algorithms);
+                            let key =
+                                VerificationKey::secret(secret.as_bytes(), &settings.algorithms);
                             Keys::Fixed(Arc::new(KeySet { keys: vec![key] }))
                         }
                         JwtKeys::JwksFile { path, refresh } => {
@@ -193,8 +194,9 @@ impl Auth {
                         .map_err(|_| fail(format!("`{}` is not a header name", settings.header)))?;
                     let mut keys = Vec::with_capacity(settings.keys.len());
                     for key in &settings.keys {
-                        let subject = HeaderValue::try_from(key.name.as_str())
-                            .map_err(|_| fail(format!("key name {:?} is not a header value", key.name)))?;
+                        let subject = HeaderValue::try_from(key.name.as_str()).map_err(|_| {
+                            fail(format!("key name {:?} is not a header value", key.name))
+                        })?;
                         let scopes: Vec<String> = key.scopes.clone();
                         let identity = Identity::new(
                             Some((key.name.as_str().into(), subject)),
@@ -204,7 +206,12 @@ impl Auth {
                             Credential::ApiKey,
                             Vec::new(),
                         )
-                        .map_err(|_| fail(format!("the scopes of key `{}` are not header-safe", key.name)))?;
+                        .map_err(|_| {
+                            fail(format!(
+                                "the scopes of key `{}` are not header-safe",
+                                key.name
+                            ))
+                        })?;
                         keys.push((key.sha256, identity));
                     }
                     Check::ApiKeys(ApiKeys::new(header, keys))
@@ -474,7 +481,10 @@ impl Rejection {
     pub(crate) fn unknown_key() -> Self {
         Self {
             unknown_key: true,
-            ..Self::bearer(Depth::Format, "the token's signing key (`kid`) is not known")
+            ..Self::bearer(
+                Depth::Format,
+                "the token's signing key (`kid`) is not known",
+            )
         }
     }
 
@@ -527,12 +537,7 @@ struct GuardInner {
 
 impl std::fmt::Debug for Guard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self
-            .inner
-            .authenticators
-            .iter()
-            .map(|a| &*a.name)
-            .collect();
+        let names: Vec<&str> = self.inner.authenticators.iter().map(|a| &*a.name).collect();
         f.debug_struct("Guard")
             .field("authenticators", &names)
             .field("scopes", &self.inner.scopes)
@@ -582,7 +587,9 @@ impl Guard {
     pub async fn check(&self, headers: &HeaderMap) -> Result<Identity, Refusal> {
         let inner = &*self.inner;
         let token = if inner.bearer {
-            headers.get(AUTHORIZATION).and_then(Token::from_authorization)
+            headers
+                .get(AUTHORIZATION)
+                .and_then(Token::from_authorization)
         } else {
             None
         };
@@ -610,7 +617,10 @@ impl Guard {
                 }
                 Err(rejection) if rejection.unavailable => unavailable = true,
                 Err(rejection) => {
-                    if rejected.as_ref().is_none_or(|best| rejection.depth > best.depth) {
+                    if rejected
+                        .as_ref()
+                        .is_none_or(|best| rejection.depth > best.depth)
+                    {
                         rejected = Some(rejection);
                     }
                 }
@@ -640,7 +650,10 @@ impl Guard {
         let inner = &*self.inner;
         let detail = match (inner.bearer, &inner.api_key_challenge) {
             (true, None) => "this route needs a bearer token: `Authorization: Bearer <JWT>`".into(),
-            (false, _) => format!("this route needs an API key in the `{}` header", self.api_key_headers()),
+            (false, _) => format!(
+                "this route needs an API key in the `{}` header",
+                self.api_key_headers()
+            ),
             (true, Some(_)) => format!(
                 "this route needs a bearer token (`Authorization: Bearer <JWT>`) or an API key \
                  in the `{}` header",
@@ -717,7 +730,9 @@ impl Guard {
             "{scheme}, error=\"insufficient_scope\", {}",
             inner.scope_attribute
         ))
-        .unwrap_or(HeaderValue::from_static("Bearer error=\"insufficient_scope\""));
+        .unwrap_or(HeaderValue::from_static(
+            "Bearer error=\"insufficient_scope\"",
+        ));
         Refusal::new(
             StatusCode::FORBIDDEN,
             PROBLEM_INSUFFICIENT_SCOPE,

@@ -10,8 +10,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::{Checker, Span, Value, a_type};
 use crate::edge::{
-    ApiKey, ApiKeySettings, AuthKind, Authenticator, JwtAlgorithm, JwtKeys, JwtSettings,
-    RouteAuth,
+    ApiKey, ApiKeySettings, AuthKind, Authenticator, JwtAlgorithm, JwtKeys, JwtSettings, RouteAuth,
 };
 use crate::suggest::closest;
 
@@ -84,9 +83,12 @@ fn header_name_error(name: &str) -> Option<String> {
     if !name.bytes().all(token) {
         return Some("a header name is one word of letters, digits and `-`".into());
     }
-    name.bytes()
-        .any(|b| b.is_ascii_uppercase())
-        .then(|| format!("write header names in lower case, like \"{}\"", name.to_ascii_lowercase()))
+    name.bytes().any(|b| b.is_ascii_uppercase()).then(|| {
+        format!(
+            "write header names in lower case, like \"{}\"",
+            name.to_ascii_lowercase()
+        )
+    })
 }
 
 /// Why `text` cannot be an `issuer` or `audience` value, if it cannot.
@@ -232,7 +234,9 @@ impl Checker<'_> {
                 let jwt_key = if jwks.is_some() { "jwks" } else { "secret_env" };
                 self.error(
                     &keys.span(),
-                    format!("authenticator `{name}` mixes JWT keys (`{jwt_key}`) and API keys (`keys`)"),
+                    format!(
+                        "authenticator `{name}` mixes JWT keys (`{jwt_key}`) and API keys (`keys`)"
+                    ),
                     Some(format!(
                         "an authenticator is of one kind: keep `{jwt_key}` here, move `keys` to an \
                          authenticator of its own, like [gateway.auth.{name}-keys], and list both \
@@ -286,7 +290,9 @@ impl Checker<'_> {
             }
             let list = allowed.join(", ");
             let help = match closest(written, allowed.iter().copied()) {
-                Some(guess) => format!("did you mean `{guess}`? allowed keys in {header} are: {list}"),
+                Some(guess) => {
+                    format!("did you mean `{guess}`? allowed keys in {header} are: {list}")
+                }
                 None => format!("allowed keys in {header} are: {list}"),
             };
             self.error(
@@ -351,7 +357,11 @@ impl Checker<'_> {
         let algorithms = match body.get("algorithms") {
             Some(value) => self.algorithms(value, uses_secret),
             None if uses_secret => vec![JwtAlgorithm::Hs256],
-            None => vec![JwtAlgorithm::Rs256, JwtAlgorithm::Es256, JwtAlgorithm::EdDsa],
+            None => vec![
+                JwtAlgorithm::Rs256,
+                JwtAlgorithm::Es256,
+                JwtAlgorithm::EdDsa,
+            ],
         };
         let mut leeway = DEFAULT_LEEWAY;
         if self.set_duration(body, "leeway", true, &mut leeway) && leeway > MAX_LEEWAY {
@@ -488,7 +498,12 @@ impl Checker<'_> {
             }
             DeValue::Array(items) => items.iter().collect(),
             _ => {
-                self.wrong_type(value, "audience", "a string or a list of strings", Some(help.into()));
+                self.wrong_type(
+                    value,
+                    "audience",
+                    "a string or a list of strings",
+                    Some(help.into()),
+                );
                 return Vec::new();
             }
         };
@@ -545,8 +560,7 @@ impl Checker<'_> {
         }
         let mut algorithms = Vec::new();
         for item in items.iter() {
-            let Some(text) = self.string_with_help(item, "algorithms", "a string", example)
-            else {
+            let Some(text) = self.string_with_help(item, "algorithms", "a string", example) else {
                 continue;
             };
             let Some(algorithm) = JwtAlgorithm::from_name(text) else {
@@ -562,7 +576,9 @@ impl Checker<'_> {
                     let names: Vec<&str> = JwtAlgorithm::ALL.iter().map(|a| a.as_str()).collect();
                     let list = algorithm_list();
                     let help = match closest(text, names) {
-                        Some(guess) => format!("did you mean `{guess}`? valid algorithms are: {list}"),
+                        Some(guess) => {
+                            format!("did you mean `{guess}`? valid algorithms are: {list}")
+                        }
                         None => format!("valid algorithms are: {list}"),
                     };
                     (format!("unknown JWT algorithm {text:?}"), help)
@@ -776,8 +792,7 @@ impl Checker<'_> {
 
     fn key_name(&mut self, value: &Value<'_>, earlier: &[ApiKey]) -> Option<String> {
         let text = self.string(value, "name")?;
-        let allowed =
-            |b: u8| b.is_ascii_alphanumeric() || b"-_.@".contains(&b);
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-_.@".contains(&b);
         if text.is_empty() || text.len() > MAX_NAME || !text.bytes().all(allowed) {
             self.error(
                 &value.span(),
