@@ -11,6 +11,8 @@
 mod pipeline;
 mod router;
 
+pub mod auth;
+
 use std::sync::Arc;
 
 use flotilla_proxy::resilience::ResilienceLayer;

@@ -25,6 +25,7 @@ use crate::model::{
 };
 use crate::suggest::closest;
 
+mod auth;
 mod protocol;
 mod sagas;
 mod versions;
@@ -84,7 +85,7 @@ const TELEMETRY_KEYS: &[&str] = &[
     "stored_spans_per_second",
 ];
 const SIZE_HELP: &str = "use a number of bytes or a number with a unit, like \"512MiB\" or \"1GB\"";
-const GATEWAY_KEYS: &[&str] = &["listen", "routes"];
+const GATEWAY_KEYS: &[&str] = &["listen", "routes", "auth"];
 const ROUTE_KEYS: &[&str] = &[
     "prefix",
     "service",
@@ -96,6 +97,8 @@ const ROUTE_KEYS: &[&str] = &[
     "deprecated",
     "sunset",
     "deprecation_link",
+    "auth",
+    "scopes",
 ];
 const CONTROL_KEYS: &[&str] = &["listen"];
 const SERVICE_KEYS: &[&str] = &[
@@ -482,8 +485,11 @@ impl Checker<'_> {
         };
         self.unknown_keys(table, GATEWAY_KEYS, "in [gateway]");
         let listen = self.listen(table, &mut settings.listen);
+        if let Some(value) = table.get("auth") {
+            settings.auth = self.authenticators(value);
+        }
         if let Some(value) = table.get("routes") {
-            settings.routes = self.routes(value, services);
+            settings.routes = self.routes(value, services, &settings.auth);
         }
         (settings, listen)
     }
@@ -858,7 +864,12 @@ impl Checker<'_> {
         }
     }
 
-    fn routes(&mut self, value: &Value<'_>, services: &[Service]) -> Vec<Route> {
+    fn routes(
+        &mut self,
+        value: &Value<'_>,
+        services: &[Service],
+        authenticators: &[crate::Authenticator],
+    ) -> Vec<Route> {
         let DeValue::Array(items) = value.get_ref() else {
             self.wrong_type(
                 value,
@@ -921,6 +932,7 @@ impl Checker<'_> {
             let fallback = self
                 .section(table, "gateway.routes", "fallback", FALLBACK_KEYS)
                 .map(|table| self.fallback(table));
+            let auth = self.route_auth(table, "[[gateway.routes]]", authenticators);
 
             let version = self.route_version(table);
             let deprecation = self.route_deprecation(table);
@@ -933,6 +945,7 @@ impl Checker<'_> {
                     service_version,
                     version,
                     deprecation,
+                    auth,
                     ..Route::new(prefix, service)
                 };
                 routes.push((route, item.span()));
