@@ -10,6 +10,8 @@ use flotilla_proxy::{Error, Refusal, Target};
 use http::header::{ACCEPT, HeaderName, LINK};
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 
+use crate::auth::{Auth, Guard};
+
 /// Paths echoed in a 404 are cut to this many bytes: they come from the client.
 pub(crate) const MAX_ECHOED_PATH: usize = 256;
 
@@ -30,6 +32,8 @@ pub struct RouteEntry {
     pub route: Route,
     /// `Deprecation`, `Sunset` and `Link` headers added to every response of the route.
     pub deprecation: Box<[(HeaderName, HeaderValue)]>,
+    /// The route's `auth`, resolved against the gateway's authenticators.
+    pub guard: Option<Guard>,
 }
 
 #[derive(Debug)]
@@ -54,13 +58,28 @@ pub struct Router {
 }
 
 impl Router {
+    /// A router whose routes have no `auth` (a route that has one is an error).
     pub fn new(routes: &[Route]) -> Self {
+        Self::with_auth(routes, &Auth::none()).unwrap_or_else(|_| Self {
+            groups: Box::new([]),
+        })
+    }
+
+    /// The router of `routes`, their `auth` resolved against `auth`'s authenticators.
+    pub fn with_auth(routes: &[Route], auth: &Auth) -> Result<Self, String> {
         let mut groups: Vec<(Box<str>, Vec<Arc<RouteEntry>>)> = Vec::new();
         for route in routes {
             // Matching ignores a trailing slash, so `/api/` and `/api` behave alike and the root
             // route becomes the empty prefix, which every path starts with.
             let prefix = route.prefix.trim_end_matches('/');
-            let entry = Arc::new(entry(route));
+            let guard = match &route.auth {
+                Some(route_auth) => Some(
+                    auth.guard(route_auth)
+                        .map_err(|e| format!("route `{}`: {e}", route.prefix))?,
+                ),
+                None => None,
+            };
+            let entry = Arc::new(entry(route, guard));
             match groups.iter_mut().find(|(p, _)| **p == *prefix) {
                 Some((_, group)) => group.push(entry),
                 None => groups.push((prefix.into(), vec![entry])),
@@ -101,7 +120,7 @@ impl Router {
                 (prefix, versions)
             })
             .collect();
-        Self { groups }
+        Ok(Self { groups })
     }
 
     fn group(&self, path: &str) -> Option<(&str, &Versions)> {
@@ -187,7 +206,7 @@ pub fn requested_version(headers: &HeaderMap) -> Option<&str> {
         .filter(|v| !v.is_empty())
 }
 
-fn entry(route: &Route) -> RouteEntry {
+fn entry(route: &Route, guard: Option<Guard>) -> RouteEntry {
     let service: Arc<str> = match &route.service_version {
         Some(version) => format!("{}@{version}", route.service).into(),
         None => route.service.clone(),
@@ -216,6 +235,7 @@ fn entry(route: &Route) -> RouteEntry {
             .map(deprecation_headers)
             .unwrap_or_default(),
         route: route.clone(),
+        guard,
     }
 }
 

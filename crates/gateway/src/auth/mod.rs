@@ -94,6 +94,16 @@ enum Check {
 }
 
 impl Auth {
+    /// No authenticators: for gateways whose routes have no `auth` (identity headers are
+    /// still stripped from every request).
+    pub fn none() -> Arc<Auth> {
+        Arc::new(Auth {
+            authenticators: HashMap::new(),
+            claim_headers: Box::new([]),
+            tasks: TaskTracker::new(),
+        })
+    }
+
     /// [`Auth::start_with`] the default [`Options`].
     pub async fn start(
         authenticators: &[Authenticator],
