@@ -374,7 +374,11 @@ mod tests {
         );
         let typo = error("{{pth.id}}");
         assert_eq!(typo.message, "unknown root `pth` in `{{pth.id}}`");
-        assert!(typo.help.starts_with("did you mean `path`?"), "{}", typo.help);
+        assert!(
+            typo.help.starts_with("did you mean `path`?"),
+            "{}",
+            typo.help
+        );
     }
 
     #[test]

@@ -95,7 +95,10 @@ fn facades_in_file_order_with_defaults() {
     let web: &Bff = &manifest.bffs[0];
     assert_eq!(web.prefix, "/web");
     let route = &web.routes[0];
-    assert_eq!((route.method.as_str(), route.path.as_str()), ("GET", "/orders/{id}"));
+    assert_eq!(
+        (route.method.as_str(), route.path.as_str()),
+        ("GET", "/orders/{id}")
+    );
     assert_eq!(route.auth, None);
     let parts: Vec<(&str, &str, bool)> = route
         .parts
@@ -133,7 +136,11 @@ fn facades_in_file_order_with_defaults() {
     assert_eq!(mobile.prefix, "/m");
     assert_eq!(mobile.routes[0].method, "POST");
     assert_eq!(mobile.routes[0].path, "/orders/{id}");
-    let fields = &mobile.routes[0].parts[0].fields.as_ref().expect("fields").fields;
+    let fields = &mobile.routes[0].parts[0]
+        .fields
+        .as_ref()
+        .expect("fields")
+        .fields;
     assert_eq!(
         fields[3],
         ProjectedField::Member {
@@ -179,7 +186,10 @@ call = "GET ordres /orders/{{path.id}}"
 "#,
     );
     let error = single_error(&source, 15, 13, "unknown service `ordres` in `call`");
-    assert!(help(&error).starts_with("did you mean `orders`?"), "{error}");
+    assert!(
+        help(&error).starts_with("did you mean `orders`?"),
+        "{error}"
+    );
     let source = with(
         r#"[bff.web]
 [[bff.web.routes]]
@@ -194,7 +204,10 @@ call = "GET gateway /me"
         13,
         "`gateway` is part of Flotilla, not a service a facade can call",
     );
-    assert!(help(&error).starts_with("a part calls a service"), "{error}");
+    assert!(
+        help(&error).starts_with("a part calls a service"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -356,7 +369,11 @@ fn prefixes_collide_with_facades_and_gateway_routes() {
              [bff.{name}.routes.parts.x]\ncall = \"GET orders /orders\"\n"
         )
     };
-    let source = with(&format!("{}{}", facade("web", ""), facade("app", "/web/v2")));
+    let source = with(&format!(
+        "{}{}",
+        facade("web", ""),
+        facade("app", "/web/v2")
+    ));
     let error = single_error(
         &source,
         17,
@@ -364,7 +381,11 @@ fn prefixes_collide_with_facades_and_gateway_routes() {
         "the prefix `/web/v2` of facade `app` lies below the prefix `/web` of facade `web`",
     );
     assert!(help(&error).contains("declared on line 11"), "{error}");
-    let source = with(&format!("{}{}", facade("app", "/web/v2"), facade("web", "")));
+    let source = with(&format!(
+        "{}{}",
+        facade("app", "/web/v2"),
+        facade("web", "")
+    ));
     single_error(
         &source,
         17,
@@ -425,7 +446,12 @@ fields = "{text}"
         18,
         "invalid escape in the pointer `/order/~2`",
     );
-    single_error(&fields("id status"), 16, 14, "expected `,` between fields, found 's'");
+    single_error(
+        &fields("id status"),
+        16,
+        14,
+        "expected `,` between fields, found 's'",
+    );
     single_error(&fields("id,id"), 16, 14, "`id` is selected twice");
 }
 
@@ -446,7 +472,12 @@ path = "/orders/{id}"
 optional = true
 "#,
     );
-    single_error(&source, 14, 23, "missing required key `call` in part `order`");
+    single_error(
+        &source,
+        14,
+        23,
+        "missing required key `call` in part `order`",
+    );
     let source = with(
         r#"[bff.web]
 [[bff.web.routes]]
@@ -484,8 +515,16 @@ optinal = true
         [
             (14, 10, "HTTP method `get` must be upper-case"),
             (15, 1, "unknown key `auth` in [[bff.web.routes]]"),
-            (16, 23, "invalid part name \"order summary\": only letters, digits, `-` and `_` are allowed"),
-            (18, 1, "unknown key `optinal` in [bff.web.routes.parts.order summary]"),
+            (
+                16,
+                23,
+                "invalid part name \"order summary\": only letters, digits, `-` and `_` are allowed"
+            ),
+            (
+                18,
+                1,
+                "unknown key `optinal` in [bff.web.routes.parts.order summary]"
+            ),
         ]
     );
 }

@@ -39,9 +39,10 @@ impl Context<'_> {
                 })
             }
             // The manifest refuses them in sagas; a facade's part renders them itself.
-            TemplateRef::Path(_) | TemplateRef::Query(_) => {
-                Err(format!("{} is not known in a saga", describe_ref(reference)))
-            }
+            TemplateRef::Path(_) | TemplateRef::Query(_) => Err(format!(
+                "{} is not known in a saga",
+                describe_ref(reference)
+            )),
         }
     }
 }

@@ -25,7 +25,8 @@ use flotilla_proxy::{
 use futures_util::future::join_all;
 use http::header::{ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_TYPE, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceExt};
 
 pub use projection::project;
@@ -102,7 +103,8 @@ impl Facades {
         let facades = bffs
             .iter()
             .map(|bff| {
-                let mut routes: Vec<FacadeRoute> = bff.routes.iter().map(FacadeRoute::new).collect();
+                let mut routes: Vec<FacadeRoute> =
+                    bff.routes.iter().map(FacadeRoute::new).collect();
                 // Stable: among equally literal routes (other methods) file order stays.
                 routes.sort_by_cached_key(|route| {
                     route
@@ -197,15 +199,15 @@ impl FacadeRoute {
             .path
             .split('/')
             .filter(|segment| !segment.is_empty())
-            .map(|segment| {
-                match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            .map(
+                |segment| match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
                     Some(name) => {
                         placeholders.push(name);
                         Segment::Placeholder
                     }
                     None => Segment::Literal(segment.into()),
-                }
-            })
+                },
+            )
             .collect();
         let parts = route
             .parts
@@ -326,7 +328,9 @@ impl Failure {
 
 /// Calls every part of `route` concurrently through `inner` and merges their answers.
 ///
-/// `inner` is the proxy stack below the edge ([`flotilla_proxy::below_edge`]); each part's
+/// `inner` is the proxy stack below the edge ([`flotilla_proxy::below_edge`]; its error type is
+/// exactly [`BoxError`], since a generic `Into` bound defeats the compiler's proof that the
+/// future is `Send`); each part's
 /// request carries its [`Target`], the client's [`ClientAddr`] and, from `client`'s headers,
 /// `traceparent`/`tracestate` (so the calls join the client's trace), `x-request-id`, `host`
 /// and the `x-flotilla-*` identity headers, which the edge's authentication must have set (and
@@ -345,15 +349,17 @@ pub async fn compose<S, B>(
     inner: S,
 ) -> Result<Response<ProxyBody>, Error>
 where
-    S: Service<Request<B>, Response = Response<ProxyBody>> + Clone,
-    S::Error: Into<BoxError>,
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = BoxError> + Clone,
     B: Default,
 {
     let headers = part_headers(client);
     let client_addr = client.extensions.get::<ClientAddr>().copied();
     let query = client.uri.query();
-    let calls = route.route.parts.iter().map(|part| {
-        let request = render(part, &route.params, query).and_then(|uri| {
+    let parts = &route.route.parts;
+    // A plain loop rather than an iterator of closures: the future stays provably `Send`.
+    let mut calls = Vec::with_capacity(parts.len());
+    for part in parts.iter() {
+        let request = render(part, &route.params, query).map(|uri| {
             let mut request = Request::new(B::default());
             *request.method_mut() = part.method.clone();
             *request.uri_mut() = uri;
@@ -362,13 +368,11 @@ where
             if let Some(addr) = client_addr {
                 request.extensions_mut().insert(addr);
             }
-            Ok(request)
+            request
         });
-        let inner = inner.clone();
-        async move { fetch(part, request?, inner).await }
-    });
+        calls.push(fetch(part, request, inner.clone()));
+    }
     let outcomes = join_all(calls).await;
-    let parts = &route.route.parts;
 
     // What the client asked for does not exist: that, rather than a failure, is the answer.
     let missing = parts.iter().zip(&outcomes).find(|(part, outcome)| {
@@ -379,7 +383,11 @@ where
             StatusCode::NOT_FOUND,
             "urn:flotilla:problem:not-found",
             "Not found",
-            format!("part `{}`: {}", part.name, failure.describe(&part.target.service)),
+            format!(
+                "part `{}`: {}",
+                part.name,
+                failure.describe(&part.target.service)
+            ),
         )
         .into());
     }
@@ -490,10 +498,9 @@ fn render(part: &Part, params: &[Vec<u8>], query: Option<&str>) -> Result<Uri, F
     for piece in &part.path {
         match piece {
             Piece::Literal(text) => path.push_str(text),
-            Piece::Path(index) => percent_encode(
-                params.get(*index).ok_or(Failure::InvalidPath)?,
-                &mut path,
-            ),
+            Piece::Path(index) => {
+                percent_encode(params.get(*index).ok_or(Failure::InvalidPath)?, &mut path)
+            }
             Piece::Query(name) => {
                 let value = query
                     .and_then(|query| query_value(query, name))
@@ -506,34 +513,23 @@ fn render(part: &Part, params: &[Vec<u8>], query: Option<&str>) -> Result<Uri, F
 }
 
 /// One part's call: its JSON, projected, or why there is none.
-async fn fetch<S, B>(part: &Part, request: Request<B>, inner: S) -> Result<Vec<u8>, Failure>
+async fn fetch<S, B>(
+    part: &Part,
+    request: Result<Request<B>, Failure>,
+    inner: S,
+) -> Result<Vec<u8>, Failure>
 where
-    S: Service<Request<B>, Response = Response<ProxyBody>>,
-    S::Error: Into<BoxError>,
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = BoxError>,
 {
-    let response = inner.oneshot(request).await.map_err(|error| {
-        let error: BoxError = error.into();
-        Failure::Unanswered(match error.downcast_ref::<Error>() {
-            Some(error) => error.to_string(),
-            // Not one of the proxy's own errors: it may say too much to show a client.
-            None => format!("the call to `{}` could not be delivered", part.target.service),
-        })
-    })?;
+    let response = match inner.oneshot(request?).await {
+        Ok(response) => response,
+        Err(error) => return Err(unanswered(part, error)),
+    };
     let (head, body) = response.into_parts();
     if !head.status.is_success() {
         return Err(Failure::Status(head.status));
     }
-    let bytes = Limited::new(body, MAX_PART_BODY)
-        .collect()
-        .await
-        .map_err(|error| {
-            if error.downcast_ref::<LengthLimitError>().is_some() {
-                Failure::TooLarge
-            } else {
-                Failure::Broken
-            }
-        })?
-        .to_bytes();
+    let bytes = read_bounded(body).await?;
     let json = bytes.trim_ascii();
     // 204, or an empty 200: there is nothing, which JSON says as `null`.
     if json.is_empty() {
@@ -553,6 +549,40 @@ where
             Ok(out)
         }
     }
+}
+
+/// The whole body, up to [`MAX_PART_BODY`]; a larger one is refused as soon as it is known to
+/// be larger, from its `content-length` or from what came so far.
+///
+/// By hand rather than with `http_body_util::Limited`: its generic error conversion makes the
+/// compiler unable to prove a future holding it `Send`.
+async fn read_bounded(mut body: ProxyBody) -> Result<Vec<u8>, Failure> {
+    let hint = body.size_hint();
+    if hint.lower() > MAX_PART_BODY as u64 {
+        return Err(Failure::TooLarge);
+    }
+    let mut bytes = Vec::with_capacity(hint.exact().map_or(1024, |n| n as usize));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Failure::Broken)?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > MAX_PART_BODY {
+                return Err(Failure::TooLarge);
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes)
+}
+
+fn unanswered(part: &Part, error: BoxError) -> Failure {
+    Failure::Unanswered(match error.downcast_ref::<Error>() {
+        Some(error) => error.to_string(),
+        // Not one of the proxy's own errors: it may say too much to show a client.
+        None => format!(
+            "the call to `{}` could not be delivered",
+            part.target.service
+        ),
+    })
 }
 
 /// The first value of the query parameter `name`, decoded as a form (`+` is a space).
@@ -684,8 +714,14 @@ mod tests {
             found(&facades, Method::DELETE, "/web/orders/recent"),
             Ok(("/orders/{id}".into(), vec![b"recent".to_vec()]))
         );
-        assert_eq!(found(&facades, Method::GET, "/web"), Ok(("/".into(), vec![])));
-        assert_eq!(found(&facades, Method::GET, "/web/"), Ok(("/".into(), vec![])));
+        assert_eq!(
+            found(&facades, Method::GET, "/web"),
+            Ok(("/".into(), vec![]))
+        );
+        assert_eq!(
+            found(&facades, Method::GET, "/web/"),
+            Ok(("/".into(), vec![]))
+        );
         assert_eq!(found(&facades, Method::GET, "/webx/orders/7"), Err(0));
         assert_eq!(found(&facades, Method::GET, "/api"), Err(0));
         assert_eq!(found(&facades, Method::GET, "/web/orders"), Err(404));

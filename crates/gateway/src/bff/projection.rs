@@ -141,7 +141,10 @@ mod tests {
         );
         // A top-level selection on a list (a lookup by query) applies to each element.
         let list = json!([{"id": "s-1", "status": "created", "address": "x"}]);
-        assert_eq!(text(&list, &[member("status")]), r#"[{"status":"created"}]"#);
+        assert_eq!(
+            text(&list, &[member("status")]),
+            r#"[{"status":"created"}]"#
+        );
         // Scalars and null have nothing to select from.
         assert_eq!(text(&json!(null), &[member("status")]), "null");
         assert_eq!(
@@ -183,9 +186,6 @@ mod tests {
     #[test]
     fn names_are_escaped_as_json() {
         let value = json!({"say \"hi\"": 1});
-        assert_eq!(
-            text(&value, &[member("say \"hi\"")]),
-            r#"{"say \"hi\"":1}"#
-        );
+        assert_eq!(text(&value, &[member("say \"hi\"")]), r#"{"say \"hi\"":1}"#);
     }
 }

@@ -746,7 +746,10 @@ impl FieldParser<'_> {
     }
 
     /// Fields up to the end (top level) or the `)` closing the `(` at `open`, which is consumed.
-    fn list(&mut self, open: Option<(usize, &str, usize)>) -> Result<Vec<ProjectedField>, FieldMistake> {
+    fn list(
+        &mut self,
+        open: Option<(usize, &str, usize)>,
+    ) -> Result<Vec<ProjectedField>, FieldMistake> {
         let mut fields: Vec<ProjectedField> = Vec::new();
         let mut names: Vec<String> = Vec::new();
         loop {
@@ -826,7 +829,10 @@ impl FieldParser<'_> {
         let name = &text[start..self.at];
         if self.peek() == Some('~') || self.peek() == Some('/') {
             return Err(self.mistake(
-                format!("{:?} cannot appear in a member name", self.peek().unwrap_or('~')),
+                format!(
+                    "{:?} cannot appear in a member name",
+                    self.peek().unwrap_or('~')
+                ),
                 "a name with `/` or `~` is reached with a JSON pointer, escaped as `~1` and \
                  `~0`: \"/a~1b\"",
             ));
@@ -869,8 +875,7 @@ impl FieldParser<'_> {
                 return Err((
                     at..at + 1,
                     format!("the pointer `{written}` has an empty token"),
-                    "a pointer names a member or an index per `/`, like \"/payment/status\""
-                        .into(),
+                    "a pointer names a member or an index per `/`, like \"/payment/status\"".into(),
                 ));
             }
             let mut token = String::with_capacity(raw.len());
@@ -992,10 +997,16 @@ mod tests {
         );
         assert_eq!(
             mistake("/a(b)"),
-            (2..3, "the pointer `/a` cannot have a nested selection".into())
+            (
+                2..3,
+                "the pointer `/a` cannot have a nested selection".into()
+            )
         );
         assert_eq!(mistake("id,/x/id"), (3..8, "`id` is selected twice".into()));
-        assert_eq!(mistake("(a)"), (0..1, "`(` must follow a member name".into()));
+        assert_eq!(
+            mistake("(a)"),
+            (0..1, "`(` must follow a member name".into())
+        );
         assert_eq!(
             mistake("a~b"),
             (1..2, "'~' cannot appear in a member name".into())
@@ -1024,7 +1035,10 @@ mod tests {
     #[test]
     fn part_path_literals() {
         let mistake = |text| literal_mistake(text).map(|(range, _, _)| range);
-        assert_eq!(mistake("GET orders /orders/{{path.id}}?x={{ query.x }}&y=1"), None);
+        assert_eq!(
+            mistake("GET orders /orders/{{path.id}}?x={{ query.x }}&y=1"),
+            None
+        );
         assert_eq!(mistake("GET orders /orders/{id}"), Some(19..20));
         assert_eq!(mistake("GET orders /a%2"), Some(13..14));
         assert_eq!(mistake("GET orders /a%2F#x"), Some(16..17));
