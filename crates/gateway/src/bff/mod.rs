@@ -328,9 +328,7 @@ impl Failure {
 
 /// Calls every part of `route` concurrently through `inner` and merges their answers.
 ///
-/// `inner` is the proxy stack below the edge ([`flotilla_proxy::below_edge`]; its error type is
-/// exactly [`BoxError`], since a generic `Into` bound defeats the compiler's proof that the
-/// future is `Send`); each part's
+/// `inner` is the proxy stack below the edge ([`flotilla_proxy::below_edge`]). Each part's
 /// request carries its [`Target`], the client's [`ClientAddr`] and, from `client`'s headers,
 /// `traceparent`/`tracestate` (so the calls join the client's trace), `x-request-id`, `host`
 /// and the `x-flotilla-*` identity headers, which the edge's authentication must have set (and
@@ -349,14 +347,14 @@ pub async fn compose<S, B>(
     inner: S,
 ) -> Result<Response<ProxyBody>, Error>
 where
-    S: Service<Request<B>, Response = Response<ProxyBody>, Error = BoxError> + Clone,
+    S: Service<Request<B>, Response = Response<ProxyBody>> + Clone,
+    S::Error: Into<BoxError>,
     B: Default,
 {
     let headers = part_headers(client);
     let client_addr = client.extensions.get::<ClientAddr>().copied();
     let query = client.uri.query();
     let parts = &route.route.parts;
-    // A plain loop rather than an iterator of closures: the future stays provably `Send`.
     let mut calls = Vec::with_capacity(parts.len());
     for part in parts.iter() {
         let request = render(part, &route.params, query).map(|uri| {
@@ -519,11 +517,12 @@ async fn fetch<S, B>(
     inner: S,
 ) -> Result<Vec<u8>, Failure>
 where
-    S: Service<Request<B>, Response = Response<ProxyBody>, Error = BoxError>,
+    S: Service<Request<B>, Response = Response<ProxyBody>>,
+    S::Error: Into<BoxError>,
 {
     let response = match inner.oneshot(request?).await {
         Ok(response) => response,
-        Err(error) => return Err(unanswered(part, error)),
+        Err(error) => return Err(unanswered(part, error.into())),
     };
     let (head, body) = response.into_parts();
     if !head.status.is_success() {
