@@ -13,6 +13,8 @@ mod router;
 
 pub mod auth;
 
+pub mod bff;
+
 use std::sync::Arc;
 
 use flotilla_proxy::resilience::ResilienceLayer;

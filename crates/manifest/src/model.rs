@@ -629,8 +629,8 @@ pub enum BodyTemplate {
 /// Text with `{{...}}` expressions, parsed and checked.
 ///
 /// An expression is `input` or `steps.NAME.response`, each followed by any number of
-/// `.key` or `.0` (array index) segments, or `saga.id`; spaces inside the braces are allowed.
-/// There is no escape: `{{` always opens an expression and a `}}` outside one is refused, so
+/// `.key` or `.0` (array index) segments, or `saga.id`; in a facade's part, `path.NAME` or
+/// `query.NAME`. Spaces inside the braces are allowed. There is no escape: `{{` always opens an expression and a `}}` outside one is refused, so
 /// neither can be written literally. Displays back as template text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
@@ -686,6 +686,10 @@ pub enum TemplateRef {
     },
     /// `{{saga.id}}`.
     SagaId,
+    /// `{{path.NAME}}`, in a facade's part only: the `{NAME}` segment of the client's path.
+    Path(String),
+    /// `{{query.NAME}}`, in a facade's part only: the client's query parameter `NAME`.
+    Query(String),
 }
 
 /// Displays as written, without braces: `steps.reserve-stock.response.id`.
@@ -701,6 +705,8 @@ impl fmt::Display for TemplateRef {
                 path
             }
             TemplateRef::SagaId => return f.write_str("saga.id"),
+            TemplateRef::Path(name) => return write!(f, "path.{name}"),
+            TemplateRef::Query(name) => return write!(f, "query.{name}"),
         };
         path.iter().try_for_each(|segment| write!(f, ".{segment}"))
     }

@@ -26,6 +26,7 @@ use crate::model::{
 use crate::suggest::closest;
 
 mod auth;
+mod bff;
 mod protocol;
 mod sagas;
 mod versions;
@@ -61,6 +62,7 @@ const TOP_KEYS: &[&str] = &[
     "subscriptions",
     "sagas",
     "services",
+    "bff",
 ];
 const EVENTS_KEYS: &[&str] = &["backend", "url", "fsync", "max_event_size"];
 const TOPIC_KEYS: &[&str] = &["partitions", "retention", "max_bytes"];
@@ -406,6 +408,10 @@ impl Checker<'_> {
             Some(value) => self.sagas(value, &topics, &services),
             None => SagaSettings::default(),
         };
+        let bffs = match root.get("bff") {
+            Some(value) => self.bffs(value, &services, &gateway.routes),
+            None => Vec::new(),
+        };
         let blamed = match (control_listen, gateway_listen) {
             (Listen::Invalid, _) | (_, Listen::Invalid) => None,
             (Listen::Given(span), _) | (_, Listen::Given(span)) => Some(span),
@@ -458,7 +464,7 @@ impl Checker<'_> {
             subscriptions,
             sagas,
             services,
-            bffs: Vec::new(),
+            bffs,
         }
     }
 

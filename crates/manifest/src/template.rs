@@ -1,8 +1,9 @@
-//! The `{{...}}` syntax of saga calls: text turned into a [`Template`], or an error located inside
-//! that text.
+//! The `{{...}}` syntax of saga calls and facade parts: text turned into a [`Template`], or an
+//! error located inside that text.
 //!
 //! Only the syntax is checked here. Whether a `steps.NAME` reference names a step that has run
-//! by then depends on the saga around the template, which the caller knows.
+//! by then, or a `path.NAME` a placeholder of the route, depends on the saga or facade around
+//! the template, which the caller knows.
 
 use std::ops::Range;
 
@@ -10,7 +11,10 @@ use crate::model::{PathSegment, Template, TemplatePart, TemplateRef};
 use crate::suggest::closest;
 
 const ROOTS: [&str; 3] = ["input", "steps", "saga"];
+const FACADE_ROOTS: [&str; 2] = ["path", "query"];
 const ROOTS_HELP: &str = "an expression starts with `input`, `steps.NAME.response` or `saga.id`";
+const FACADE_ROOTS_HELP: &str = "an expression is `path.NAME` (a `{NAME}` of the route's path) or \
+                                 `query.NAME` (a query parameter of the client's request)";
 const SEGMENT_HELP: &str = "an expression is words of letters, digits, `_` and `-` separated by \
                             single dots, like `input.items.0.sku`";
 
@@ -22,12 +26,30 @@ pub(crate) struct TemplateError {
     pub help: String,
 }
 
-/// Parses `text`, returning the template and the byte range of each `{{...}}`, in the order of
-/// the template's expressions.
+/// Where a template is written, which decides what its expressions may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// A saga step's call: `input`, `steps.NAME.response`, `saga.id`.
+    Saga,
+    /// A Backend-for-Frontend part's call: `path.NAME`, `query.NAME`.
+    Facade,
+}
+
+/// Parses `text` as a saga template, returning the template and the byte range of each
+/// `{{...}}`, in the order of the template's expressions.
 ///
 /// There is no escape: `{{` always opens an expression and a `}}` outside one is an error, so
 /// neither can appear literally.
+#[cfg(test)]
 pub(crate) fn parse(text: &str) -> Result<(Template, Vec<Range<usize>>), TemplateError> {
+    parse_in(text, Dialect::Saga)
+}
+
+/// Parses `text` like [`parse`], with the expressions `dialect` allows.
+pub(crate) fn parse_in(
+    text: &str,
+    dialect: Dialect,
+) -> Result<(Template, Vec<Range<usize>>), TemplateError> {
     let mut parts = Vec::new();
     let mut ranges = Vec::new();
     let mut pos = 0;
@@ -61,14 +83,13 @@ pub(crate) fn parse(text: &str) -> Result<(Template, Vec<Range<usize>>), Templat
             });
         };
         let end = inner_start + length + 2;
-        let reference =
-            expression(&text[inner_start..inner_start + length]).map_err(|(message, help)| {
-                TemplateError {
-                    range: start..end,
-                    message,
-                    help,
-                }
-            })?;
+        let reference = expression(&text[inner_start..inner_start + length], dialect).map_err(
+            |(message, help)| TemplateError {
+                range: start..end,
+                message,
+                help,
+            },
+        )?;
         parts.push(TemplatePart::Expr(reference));
         ranges.push(start..end);
         pos = end;
@@ -77,7 +98,7 @@ pub(crate) fn parse(text: &str) -> Result<(Template, Vec<Range<usize>>), Templat
 }
 
 /// What one `{{...}}` names; the error is a message and a help.
-fn expression(inner: &str) -> Result<TemplateRef, (String, String)> {
+fn expression(inner: &str, dialect: Dialect) -> Result<TemplateRef, (String, String)> {
     let written = inner.trim();
     let quoted = format!("`{{{{{written}}}}}`");
     if written.is_empty() {
@@ -101,7 +122,14 @@ fn expression(inner: &str) -> Result<TemplateRef, (String, String)> {
             ));
         }
     }
+    if dialect == Dialect::Facade {
+        return facade_expression(&segments, &quoted);
+    }
     match segments[0] {
+        "path" | "query" => Err((
+            format!("{quoted} is only known in a facade's part"),
+            format!("in a saga, {ROOTS_HELP}"),
+        )),
         "input" => Ok(TemplateRef::Input(path(&segments[1..], &quoted)?)),
         "steps" => step(&segments, &quoted),
         "saga" if segments[1..] == ["id"] => Ok(TemplateRef::SagaId),
@@ -116,6 +144,39 @@ fn expression(inner: &str) -> Result<TemplateRef, (String, String)> {
             };
             Err((format!("unknown root `{root}` in {quoted}"), help))
         }
+    }
+}
+
+/// `path.NAME` or `query.NAME`: one parameter each, as text, so nothing follows the name.
+fn facade_expression(segments: &[&str], quoted: &str) -> Result<TemplateRef, (String, String)> {
+    let root = segments[0];
+    let reference: fn(String) -> TemplateRef = match root {
+        "path" => TemplateRef::Path,
+        "query" => TemplateRef::Query,
+        "input" | "steps" | "saga" => {
+            return Err((
+                format!("{quoted} is only known in a saga"),
+                format!("in a facade's part, {FACADE_ROOTS_HELP}"),
+            ));
+        }
+        _ => {
+            let help = match closest(root, FACADE_ROOTS) {
+                Some(guess) => format!("did you mean `{guess}`? {FACADE_ROOTS_HELP}"),
+                None => FACADE_ROOTS_HELP.into(),
+            };
+            return Err((format!("unknown root `{root}` in {quoted}"), help));
+        }
+    };
+    match &segments[1..] {
+        [name] => Ok(reference((*name).to_owned())),
+        [] => Err((
+            format!("{quoted} names no parameter"),
+            format!("{FACADE_ROOTS_HELP}, like \"{{{{{root}.id}}}}\""),
+        )),
+        [name, ..] => Err((
+            format!("a {root} parameter is text and has no fields, in {quoted}"),
+            format!("write \"{{{{{root}.{name}}}}}\""),
+        )),
     }
 }
 
@@ -285,6 +346,50 @@ mod tests {
             error("{{input.99999999999999999999999}}")
                 .message
                 .contains("too large")
+        );
+    }
+
+    #[test]
+    fn facade_expressions() {
+        let parts = |text| parse_in(text, Dialect::Facade).expect("valid").0.parts;
+        let error = |text| parse_in(text, Dialect::Facade).expect_err("invalid");
+        assert_eq!(
+            parts("/orders/{{ path.id }}?user={{query.user-id}}"),
+            [
+                TemplatePart::Literal("/orders/".into()),
+                TemplatePart::Expr(TemplateRef::Path("id".into())),
+                TemplatePart::Literal("?user=".into()),
+                TemplatePart::Expr(TemplateRef::Query("user-id".into())),
+            ]
+        );
+        assert_eq!(error("{{path}}").message, "`{{path}}` names no parameter");
+        assert_eq!(
+            error("{{query.a.b}}").message,
+            "a query parameter is text and has no fields, in `{{query.a.b}}`"
+        );
+        assert_eq!(error("{{query.a.b}}").help, "write \"{{query.a}}\"");
+        assert_eq!(
+            error("{{input.id}}").message,
+            "`{{input.id}}` is only known in a saga"
+        );
+        let typo = error("{{pth.id}}");
+        assert_eq!(typo.message, "unknown root `pth` in `{{pth.id}}`");
+        assert!(
+            typo.help.starts_with("did you mean `path`?"),
+            "{}",
+            typo.help
+        );
+    }
+
+    #[test]
+    fn sagas_refuse_facade_expressions() {
+        assert_eq!(
+            error("/orders/{{path.id}}").message,
+            "`{{path.id}}` is only known in a facade's part"
+        );
+        assert_eq!(
+            error("{{query.x}}").message,
+            "`{{query.x}}` is only known in a facade's part"
         );
     }
 }

@@ -297,7 +297,7 @@ fn unknown_top_level_key() {
     assert_eq!(
         help(&error),
         "allowed keys at the top level are: app, gateway, control, telemetry, events, topics, \
-         subscriptions, sagas, services"
+         subscriptions, sagas, services, bff"
     );
 
     let error = single_error(

@@ -38,6 +38,11 @@ impl Context<'_> {
                     )
                 })
             }
+            // The manifest refuses them in sagas; a facade's part renders them itself.
+            TemplateRef::Path(_) | TemplateRef::Query(_) => Err(format!(
+                "{} is not known in a saga",
+                describe_ref(reference)
+            )),
         }
     }
 }
@@ -109,6 +114,7 @@ fn describe_ref(reference: &TemplateRef) -> String {
         TemplateRef::SagaId => "`saga.id`".into(),
         TemplateRef::Input(path) => describe("input", path),
         TemplateRef::Step { step, path } => describe(&format!("steps.{step}.response"), path),
+        TemplateRef::Path(_) | TemplateRef::Query(_) => format!("`{reference}`"),
     }
 }
 

@@ -13,7 +13,7 @@ use crate::model::{
     StepRetry, Template, TemplateRef, Topic,
 };
 use crate::suggest::closest;
-use crate::template;
+use crate::template::{self, Dialect};
 
 const SETTING_KEYS: &[&str] = &["store"];
 const SAGA_KEYS: &[&str] = &["timeout", "trigger", "steps"];
@@ -21,14 +21,48 @@ const TRIGGER_KEYS: &[&str] = &["topic"];
 const STEP_KEYS: &[&str] = &["name", "action", "compensate", "retry"];
 const CALL_KEYS: &[&str] = &["call", "body"];
 const STEP_RETRY_KEYS: &[&str] = &["attempts", "backoff", "max_backoff"];
-const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+pub(super) const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 const MAX_NAME: usize = 64;
 const STORE_HELP: &str = "use \"sqlite\" (kept in .flotilla/sagas.db) or a PostgreSQL URL, like \
                           \"postgres://user@127.0.0.1:5432/db\"";
-const CALL_HELP: &str = "write it as \"METHOD SERVICE /PATH\", like \
+pub(super) const CALL_HELP: &str = "write it as \"METHOD SERVICE /PATH\", like \
                          `call = \"POST inventory /reservations\"`";
 const SAGAS_HELP: &str = "[sagas] holds the setting `store = \"...\"` and one [sagas.NAME] table \
                           per saga";
+
+/// What a `call = "METHOD SERVICE /PATH"` belongs to — a saga's step or a facade's part — which
+/// decides what its templates may name and how messages speak of it.
+pub(super) trait CallScope {
+    /// The expressions the call's templates are written in.
+    fn dialect(&self) -> Dialect;
+    /// Who makes the call, for messages: "a saga".
+    fn caller(&self) -> &'static str;
+    /// What holds the call, for messages: "a step".
+    fn holder(&self) -> &'static str;
+    /// Why the call may not use `reference` here, if it may not: a message and a help.
+    fn check(&self, reference: &TemplateRef) -> Result<(), (String, String)>;
+}
+
+impl CallScope for StepScope<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Saga
+    }
+
+    fn caller(&self) -> &'static str {
+        "a saga"
+    }
+
+    fn holder(&self) -> &'static str {
+        "a step"
+    }
+
+    fn check(&self, reference: &TemplateRef) -> Result<(), (String, String)> {
+        match reference {
+            TemplateRef::Step { step, .. } => self.check_step(step),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Whether a call is a step's action or its compensation: they may read different responses.
 #[derive(Clone, Copy)]
@@ -66,7 +100,7 @@ impl StepScope<'_> {
     }
 
     /// Why this call may not read the response of `step`: a message and a help.
-    fn check(&self, step: &str) -> Result<(), (String, String)> {
+    fn check_step(&self, step: &str) -> Result<(), (String, String)> {
         let saga = self.saga;
         let Some(target) = self.names.iter().position(|n| n.as_deref() == Some(step)) else {
             let known: Vec<&str> = self.names.iter().flatten().map(String::as_str).collect();
@@ -137,7 +171,7 @@ fn saga_path(name: &str) -> String {
 }
 
 /// The byte range of the next word (a run of non-whitespace) at or after `from`.
-fn next_word(text: &str, from: usize) -> Option<Range<usize>> {
+pub(super) fn next_word(text: &str, from: usize) -> Option<Range<usize>> {
     let start = from + text[from..].find(|c: char| !c.is_whitespace())?;
     let end = text[start..]
         .find(char::is_whitespace)
@@ -486,10 +520,10 @@ impl Checker<'_> {
     }
 
     /// `"METHOD SERVICE /PATH"`, without a body.
-    fn call(
+    pub(super) fn call(
         &mut self,
         value: &Value<'_>,
-        scope: &StepScope<'_>,
+        scope: &dyn CallScope,
         services: &[Service],
     ) -> Option<SagaCall> {
         let text = self.string_with_help(value, "call", "a string", CALL_HELP)?;
@@ -509,7 +543,7 @@ impl Checker<'_> {
             return None;
         };
         let method = self.call_method(value, text, method);
-        let service = self.call_service(value, text, service, services);
+        let service = self.call_service(value, text, service, scope, services);
         let path = self.call_path(value, text, path, scope);
         Some(SagaCall {
             method: method?,
@@ -554,6 +588,7 @@ impl Checker<'_> {
         value: &Value<'_>,
         text: &str,
         range: Range<usize>,
+        scope: &dyn CallScope,
         services: &[Service],
     ) -> Option<Arc<str>> {
         let name = &text[range.clone()];
@@ -563,9 +598,13 @@ impl Checker<'_> {
         // than a typo; say so instead of listing near misses.
         let (message, help) = if name == "flotilla" || name == "gateway" {
             (
-                format!("`{name}` is part of Flotilla, not a service a saga can call"),
                 format!(
-                    "a step calls a service declared as [services.NAME]; {}",
+                    "`{name}` is part of Flotilla, not a service {} can call",
+                    scope.caller()
+                ),
+                format!(
+                    "{} calls a service declared as [services.NAME]; {}",
+                    scope.holder(),
                     known_services_help(None, &known)
                 ),
             )
@@ -587,7 +626,7 @@ impl Checker<'_> {
         value: &Value<'_>,
         text: &str,
         range: Range<usize>,
-        scope: &StepScope<'_>,
+        scope: &dyn CallScope,
     ) -> Option<Template> {
         let path = &text[range.clone()];
         if !path.starts_with('/') {
@@ -684,16 +723,16 @@ impl Checker<'_> {
     }
 
     /// Parses the part `range` of the string `text` (the value of `value`) as a template and
-    /// checks its step references; also returns where each expression is, within `text`.
+    /// checks its references; also returns where each expression is, within `text`.
     fn template(
         &mut self,
         value: &Value<'_>,
         text: &str,
         range: Range<usize>,
-        scope: &StepScope<'_>,
+        scope: &dyn CallScope,
     ) -> Option<(Template, Vec<Range<usize>>)> {
         let offset = range.start;
-        let (template, expressions) = match template::parse(&text[range]) {
+        let (template, expressions) = match template::parse_in(&text[range], scope.dialect()) {
             Ok(parsed) => parsed,
             Err(error) => {
                 let at = error.range.start + offset..error.range.end + offset;
@@ -708,9 +747,7 @@ impl Checker<'_> {
             .collect();
         let mut valid = true;
         for (reference, at) in template.refs().zip(&expressions) {
-            if let TemplateRef::Step { step, .. } = reference
-                && let Err((message, help)) = scope.check(step)
-            {
+            if let Err((message, help)) = scope.check(reference) {
                 let span = self.span_in(value, text, at.clone());
                 self.error(&span, message, Some(help));
                 valid = false;
@@ -722,7 +759,7 @@ impl Checker<'_> {
     /// The span of `range` within the string `text` held by `value`, when the string is written
     /// so that its characters map one to one onto the source (a one-line string without
     /// escapes); otherwise the whole value's span, which is still the right line.
-    fn span_in(&self, value: &Value<'_>, text: &str, range: Range<usize>) -> Span {
+    pub(super) fn span_in(&self, value: &Value<'_>, text: &str, range: Range<usize>) -> Span {
         let span = value.span();
         let raw = self.source.get(span.clone()).unwrap_or_default();
         let plain = raw.len() == text.len() + 2
