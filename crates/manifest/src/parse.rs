@@ -25,6 +25,7 @@ use crate::model::{
 };
 use crate::suggest::closest;
 
+mod rate_limit;
 mod sagas;
 
 type Value<'i> = Spanned<DeValue<'i>>;
@@ -82,13 +83,14 @@ const TELEMETRY_KEYS: &[&str] = &[
     "stored_spans_per_second",
 ];
 const SIZE_HELP: &str = "use a number of bytes or a number with a unit, like \"512MiB\" or \"1GB\"";
-const GATEWAY_KEYS: &[&str] = &["listen", "routes"];
+const GATEWAY_KEYS: &[&str] = &["listen", "routes", "rate_limit"];
 const ROUTE_KEYS: &[&str] = &[
     "prefix",
     "service",
     "rewrite",
     "retry_non_idempotent",
     "fallback",
+    "rate_limit",
 ];
 const CONTROL_KEYS: &[&str] = &["listen"];
 const SERVICE_KEYS: &[&str] = &[
@@ -477,6 +479,7 @@ impl Checker<'_> {
         if let Some(value) = table.get("routes") {
             settings.routes = self.routes(value, services);
         }
+        settings.rate_limit_store = self.rate_limit_store(table);
         (settings, listen)
     }
 
@@ -908,12 +911,14 @@ impl Checker<'_> {
             let fallback = self
                 .section(table, "gateway.routes", "fallback", FALLBACK_KEYS)
                 .map(|table| self.fallback(table));
+            let rate_limit = self.route_rate_limit(table);
 
             if let (Some(prefix), Some(service)) = (prefix, service) {
                 routes.push(Route {
                     rewrite,
                     retry_non_idempotent,
                     fallback,
+                    rate_limit,
                     ..Route::new(prefix, service)
                 });
             }
