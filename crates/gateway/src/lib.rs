@@ -7,6 +7,8 @@
 //! upstream client, problem+json errors — is the proxy stack, the same one every sidecar runs.
 //! [`serve`] runs it on a listener (HTTP/1.1 and h2c) until shutdown, then drains.
 
+pub mod rate_limit;
+
 use std::sync::Arc;
 
 use flotilla_manifest::Route;

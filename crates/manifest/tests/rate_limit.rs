@@ -240,7 +240,7 @@ fn counts_must_be_whole_and_positive() {
         23,
         r#"`rate` "2000000/s" is faster than the limiter can measure"#,
     );
-    help_contains(&error, "1000000/s");
+    help_contains(&error, "\"100000/s\"");
 }
 
 #[test]
