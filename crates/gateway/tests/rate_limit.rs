@@ -5,6 +5,8 @@
 //! Redis tests need a real server at FLOTILLA_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379) and
 //! are skipped without one.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +17,36 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+
+/// Counts the allocations of each thread, to show that checking a known client allocates
+/// nothing.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+// A pass-through to the system allocator that only counts.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
 
 fn limit(requests: u32, per: Duration, burst: u32) -> RateLimit {
     RateLimit {
@@ -50,7 +82,7 @@ async fn burst_then_steady_rate(limiter: &RateLimiter, quota: &Quota, interval: 
     assert_eq!(refused.remaining, 0);
     let retry_after = refused.retry_after.expect("a refusal says when to retry");
     assert!(
-        retry_after <= interval && retry_after > interval / 2,
+        retry_after <= interval && retry_after > interval / 4,
         "retry after {retry_after:?}, interval {interval:?}"
     );
     assert!(refused.reset >= retry_after && refused.reset <= interval * 3);
@@ -132,6 +164,26 @@ async fn memory_buckets_are_per_client_and_per_route() {
     // Quotas built apart for the same route name share its buckets.
     let api_again = Quota::new("/api", &limit(1, Duration::from_secs(60), 1));
     assert!(!limiter.check(&api_again, ip(2)).await.allowed);
+}
+
+#[tokio::test]
+async fn checking_a_known_client_allocates_nothing() {
+    let limiter = memory().await;
+    let quota = Quota::new("/api", &limit(1000, Duration::from_secs(1), 1000));
+    let tenant = ClientKey::Value(b"tenant-with-a-name");
+    let long = [b'x'; 300];
+    for client in [ip(1), tenant, ClientKey::Value(&long), ClientKey::Everyone] {
+        assert!(limiter.check(&quota, client).await.allowed, "first request");
+        let before = allocations();
+        let decision = limiter.check(&quota, client).await;
+        let after = allocations();
+        assert!(decision.allowed && decision.counted);
+        assert_eq!(after - before, 0, "{client:?}");
+    }
+    // The count is real: a new client's key is copied into the store.
+    let before = allocations();
+    limiter.check(&quota, ClientKey::Value(b"newcomer")).await;
+    assert!(allocations() > before);
 }
 
 #[tokio::test(start_paused = true)]
@@ -400,6 +452,7 @@ async fn start_on_a_closed_port_says_so() {
         Ok(_) => panic!("nothing listens on port {port}"),
         Err(error) => error,
     };
+    eprintln!("{error}");
     assert!(
         error.starts_with(&format!(
             "cannot use the rate limit store at redis://***@127.0.0.1:{port}: "
@@ -409,6 +462,34 @@ async fn start_on_a_closed_port_says_so() {
     assert!(error.contains("store = \"memory\""), "{error}");
     assert!(!error.contains("secret"), "{error}");
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn rediss_to_a_server_without_tls_says_so() {
+    // A server that answers the TLS hello with plain text, as a non-TLS Redis would.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = socket.write_all(b"-ERR unknown command\r\n").await;
+        }
+    });
+    let store = RateLimitStore::Redis {
+        url: format!("rediss://127.0.0.1:{port}"),
+    };
+    let error = match RateLimiter::start(&store, "test").await {
+        Ok(_) => panic!("no TLS there"),
+        Err(error) => error,
+    };
+    eprintln!("{error}");
+    assert!(
+        error.starts_with(&format!(
+            "cannot use the rate limit store at rediss://127.0.0.1:{port}: "
+        )),
+        "{error}"
+    );
+    server.abort();
 }
 
 /// A TCP proxy in front of Redis that the test can cut.

@@ -52,6 +52,19 @@ enum Store {
     Redis(RedisStore),
 }
 
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let store = match &self.store {
+            Store::Memory(_) => "memory",
+            Store::Redis(_) => "redis",
+        };
+        f.debug_struct("RateLimiter")
+            .field("store", &store)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
 /// What the limiter has seen, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RateLimitStats {

@@ -93,8 +93,8 @@ impl RedisStore {
             Ok(Ok(connection)) => connection,
             Ok(Err(e)) => {
                 return Err(format!(
-                    "cannot use the rate limit store at {shown}: {e}; start Redis there or set \
-                     [gateway.rate_limit] store = \"memory\""
+                    "cannot use the rate limit store at {shown}: {e}; check that Redis runs \
+                     there, or set [gateway.rate_limit] store = \"memory\""
                 ));
             }
             Err(_) => {
