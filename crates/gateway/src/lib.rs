@@ -15,6 +15,8 @@ pub mod auth;
 
 pub mod bff;
 
+pub mod rate_limit;
+
 use std::sync::Arc;
 
 use flotilla_proxy::resilience::ResilienceLayer;

@@ -28,6 +28,7 @@ use crate::suggest::closest;
 mod auth;
 mod bff;
 mod protocol;
+mod rate_limit;
 mod sagas;
 mod versions;
 
@@ -87,7 +88,7 @@ const TELEMETRY_KEYS: &[&str] = &[
     "stored_spans_per_second",
 ];
 const SIZE_HELP: &str = "use a number of bytes or a number with a unit, like \"512MiB\" or \"1GB\"";
-const GATEWAY_KEYS: &[&str] = &["listen", "routes", "auth"];
+const GATEWAY_KEYS: &[&str] = &["listen", "routes", "auth", "rate_limit"];
 const ROUTE_KEYS: &[&str] = &[
     "prefix",
     "service",
@@ -101,6 +102,7 @@ const ROUTE_KEYS: &[&str] = &[
     "deprecation_link",
     "auth",
     "scopes",
+    "rate_limit",
 ];
 const CONTROL_KEYS: &[&str] = &["listen"];
 const SERVICE_KEYS: &[&str] = &[
@@ -497,6 +499,7 @@ impl Checker<'_> {
         if let Some(value) = table.get("routes") {
             settings.routes = self.routes(value, services, &settings.auth);
         }
+        settings.rate_limit_store = self.rate_limit_store(table);
         (settings, listen)
     }
 
@@ -939,6 +942,7 @@ impl Checker<'_> {
                 .section(table, "gateway.routes", "fallback", FALLBACK_KEYS)
                 .map(|table| self.fallback(table));
             let auth = self.route_auth(table, "[[gateway.routes]]", authenticators);
+            let rate_limit = self.route_rate_limit(table);
 
             let version = self.route_version(table);
             let deprecation = self.route_deprecation(table);
@@ -952,6 +956,7 @@ impl Checker<'_> {
                     version,
                     deprecation,
                     auth,
+                    rate_limit,
                     ..Route::new(prefix, service)
                 };
                 routes.push((route, item.span()));
