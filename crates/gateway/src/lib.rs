@@ -7,6 +7,9 @@
 //! upstream client, problem+json errors — is the proxy stack, the same one every sidecar runs.
 //! [`serve`] runs it on a listener (HTTP/1.1 and h2c) until shutdown, then drains.
 
+pub mod access_log;
+pub mod cors;
+
 use std::sync::Arc;
 
 use flotilla_manifest::Route;
