@@ -25,6 +25,7 @@ use crate::model::{
 };
 use crate::suggest::closest;
 
+mod edge_limits;
 mod sagas;
 
 type Value<'i> = Spanned<DeValue<'i>>;
@@ -82,13 +83,24 @@ const TELEMETRY_KEYS: &[&str] = &[
     "stored_spans_per_second",
 ];
 const SIZE_HELP: &str = "use a number of bytes or a number with a unit, like \"512MiB\" or \"1GB\"";
-const GATEWAY_KEYS: &[&str] = &["listen", "routes"];
+const GATEWAY_KEYS: &[&str] = &[
+    "listen",
+    "routes",
+    "max_body",
+    "max_headers",
+    "header_timeout",
+    "idle_timeout",
+    "body_timeout",
+    "access_log",
+    "tls",
+];
 const ROUTE_KEYS: &[&str] = &[
     "prefix",
     "service",
     "rewrite",
     "retry_non_idempotent",
     "fallback",
+    "cors",
 ];
 const CONTROL_KEYS: &[&str] = &["listen"];
 const SERVICE_KEYS: &[&str] = &[
@@ -474,6 +486,8 @@ impl Checker<'_> {
         };
         self.unknown_keys(table, GATEWAY_KEYS, "in [gateway]");
         let listen = self.listen(table, &mut settings.listen);
+        settings.limits = self.edge_limits(table);
+        settings.tls = self.gateway_tls(table);
         if let Some(value) = table.get("routes") {
             settings.routes = self.routes(value, services);
         }
@@ -908,12 +922,18 @@ impl Checker<'_> {
             let fallback = self
                 .section(table, "gateway.routes", "fallback", FALLBACK_KEYS)
                 .map(|table| self.fallback(table));
+            let cors = table.get("cors").and_then(|value| {
+                let section =
+                    self.section(table, "gateway.routes", "cors", edge_limits::CORS_KEYS)?;
+                self.cors(section, &value.span())
+            });
 
             if let (Some(prefix), Some(service)) = (prefix, service) {
                 routes.push(Route {
                     rewrite,
                     retry_non_idempotent,
                     fallback,
+                    cors,
                     ..Route::new(prefix, service)
                 });
             }
