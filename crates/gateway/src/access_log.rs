@@ -367,8 +367,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("logs/gateway-access.log");
         let log = Arc::new(AccessLog::open(&path).expect("open"));
-        let service = AccessLogLayer::new(log.clone()).layer(tower::service_fn(
-            |_: Request<()>| async {
+        let service =
+            AccessLogLayer::new(log.clone()).layer(tower::service_fn(|_: Request<()>| async {
                 let mut response = Response::new(
                     Full::new(Bytes::from_static(b"hello"))
                         .map_err(|never| match never {})
@@ -382,8 +382,7 @@ mod tests {
                     .headers_mut()
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(5));
                 Ok::<_, std::convert::Infallible>(response)
-            },
-        ));
+            }));
         let mut request = Request::builder()
             .method(Method::POST)
             .uri("/api/orders?page=2")
@@ -412,7 +411,11 @@ mod tests {
         assert_eq!(value["request_id"], "req-1");
         assert_eq!(value["user_agent"], "test-agent/1");
         assert!(value["duration_ms"].as_f64().is_some_and(|ms| ms >= 0.0));
-        let time = humantime::parse_rfc3339(value["time"].as_str().expect("time")).expect("rfc3339");
-        assert!(time + Duration::from_millis(1) >= before, "{time:?} {before:?}");
+        let time =
+            humantime::parse_rfc3339(value["time"].as_str().expect("time")).expect("rfc3339");
+        assert!(
+            time + Duration::from_millis(1) >= before,
+            "{time:?} {before:?}"
+        );
     }
 }

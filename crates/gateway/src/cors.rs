@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 use flotilla_manifest::Cors;
-use flotilla_proxy::{ProxyBody, Refusal};
+use flotilla_proxy::{Error, ProxyBody, Refusal};
 use http::header::{
     ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
     ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE,
@@ -111,11 +111,11 @@ impl CorsPolicy {
     }
 
     /// Answers a preflight: `None` when `request` is not one (it goes on to the service), else
-    /// a 204 with the allow headers, or a 403 refusal saying what is not allowed.
+    /// a 204 with the allow headers, or a 403 [`Error::Refused`] saying what is not allowed.
     ///
     /// A preflight is an `OPTIONS` with both `Origin` and `Access-Control-Request-Method`; a
     /// plain `OPTIONS` is the service's business.
-    pub fn preflight<B>(&self, request: &Request<B>) -> Option<Result<Response<ProxyBody>, Refusal>> {
+    pub fn preflight<B>(&self, request: &Request<B>) -> Option<Result<Response<ProxyBody>, Error>> {
         if request.method() != Method::OPTIONS {
             return None;
         }
@@ -130,7 +130,7 @@ impl CorsPolicy {
         origin: &HeaderValue,
         method: &HeaderValue,
         headers: &HeaderMap,
-    ) -> Result<Response<ProxyBody>, Refusal> {
+    ) -> Result<Response<ProxyBody>, Error> {
         if !self.allows_origin(origin) {
             return Err(refused(format!(
                 "origin `{}` may not call this route from a browser",
@@ -199,7 +199,7 @@ impl CorsPolicy {
     /// with `origin`. They replace any the service set itself. A disallowed origin gets none:
     /// the browser then keeps the response from the page.
     pub fn decorate(&self, origin: Option<&HeaderValue>, response_headers: &mut HeaderMap) {
-        let varies = !(self.any_origin && !self.credentials);
+        let varies = !self.any_origin || self.credentials;
         if varies {
             // Whatever the origin, the answer depends on it: a cache must not hand one
             // origin's answer to another (or to a request without one).
@@ -218,13 +218,14 @@ impl CorsPolicy {
     }
 }
 
-fn refused(detail: String) -> Refusal {
+fn refused(detail: String) -> Error {
     Refusal::new(
         StatusCode::FORBIDDEN,
         CORS_REFUSED,
         "CORS request not allowed",
         detail,
     )
+    .into()
 }
 
 fn echo(value: &HeaderValue) -> &str {

@@ -197,7 +197,10 @@ fn an_unknown_gateway_key_suggests_the_close_one() {
         1,
         "unknown key `max_bdy` in [gateway]",
     );
-    assert!(help(&error).starts_with("did you mean `max_body`?"), "{error}");
+    assert!(
+        help(&error).starts_with("did you mean `max_body`?"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -230,7 +233,9 @@ fn tls_needs_both_files() {
         "`tls` must be a table, found a boolean",
     );
     // The files need not exist yet: they are opened when the gateway starts.
-    ok(&with_gateway("[gateway.tls]\ncert = \"nowhere/cert.pem\"\nkey = \"/abs/key.pem\"\n"));
+    ok(&with_gateway(
+        "[gateway.tls]\ncert = \"nowhere/cert.pem\"\nkey = \"/abs/key.pem\"\n",
+    ));
 }
 
 #[test]
@@ -242,7 +247,10 @@ fn origins_are_scheme_host_and_port_only() {
         column(cors, "\"https"),
         "invalid origin \"https://shop.example/\"",
     );
-    assert!(help(&error).contains("write \"https://shop.example\""), "{error}");
+    assert!(
+        help(&error).contains("write \"https://shop.example\""),
+        "{error}"
+    );
 
     let cors = "origins = [\"shop.example\"]";
     let error = single_error(
@@ -262,8 +270,16 @@ fn origins_are_scheme_host_and_port_only() {
     );
 
     let cors = "methods = [\"GET\"]";
-    let error = single_error(&with_cors(cors), 7, 8, "missing required key `origins` in `cors`");
-    assert!(help(&error).contains("origins = [\"https://shop.example\"]"), "{error}");
+    let error = single_error(
+        &with_cors(cors),
+        7,
+        8,
+        "missing required key `origins` in `cors`",
+    );
+    assert!(
+        help(&error).contains("origins = [\"https://shop.example\"]"),
+        "{error}"
+    );
 
     let cors = "origins = []";
     single_error(
@@ -386,5 +402,8 @@ fn an_unknown_cors_key_suggests_the_close_one() {
         column(cors, "origin ="),
         "unknown key `origin` in [gateway.routes.cors]",
     );
-    assert!(help(&error).starts_with("did you mean `origins`?"), "{error}");
+    assert!(
+        help(&error).starts_with("did you mean `origins`?"),
+        "{error}"
+    );
 }

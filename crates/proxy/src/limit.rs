@@ -221,7 +221,9 @@ where
                 Poll::Ready(Err(Box::new(refusal)))
             }
             BodyLimitProj::Refused { refusal } => Poll::Ready(Err(Box::new(
-                refusal.take().unwrap_or(Error::BadRequest("request refused")),
+                refusal
+                    .take()
+                    .unwrap_or(Error::BadRequest("request refused")),
             ))),
         }
     }

@@ -182,12 +182,16 @@ fn generate_dev_certificate() -> Result<(String, String), String> {
     let failed = |e: rcgen::Error| format!("cannot make a development certificate: {e}");
     let key = rcgen::KeyPair::generate().map_err(failed)?;
     let mut params = rcgen::CertificateParams::new(
-        DEV_NAMES.iter().map(|name| name.to_string()).collect::<Vec<_>>(),
+        DEV_NAMES
+            .iter()
+            .map(|name| name.to_string())
+            .collect::<Vec<_>>(),
     )
     .map_err(failed)?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Flotilla development certificate");
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "Flotilla development certificate",
+    );
     let today = days_since_epoch(SystemTime::now());
     // From yesterday, so a client whose clock is a little behind accepts it too.
     let (year, month, day) = ymd(civil_date(today - 1));

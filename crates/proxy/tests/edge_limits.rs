@@ -192,7 +192,11 @@ async fn a_declared_length_over_the_limit_is_refused_before_the_body_is_sent() {
     assert_eq!(problem["status"], 413);
     let detail = problem["detail"].as_str().expect("detail");
     assert!(detail.contains("1024 bytes"), "{detail}");
-    assert_eq!(seen.load(Ordering::SeqCst), 0, "the instance saw the request");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "the instance saw the request"
+    );
     // The rest of the body will never be read: the connection is closed, not reused.
     closed_after(&mut stream, Duration::from_secs(5)).await;
 }
@@ -202,7 +206,9 @@ async fn a_chunked_body_crossing_the_limit_gets_413() {
     let (addr, _seen) = edge(settings(), 4096, Duration::from_secs(30)).await;
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream
-        .write_all(b"POST /upload HTTP/1.1\r\nhost: shop.example\r\ntransfer-encoding: chunked\r\n\r\n")
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: shop.example\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
         .await
         .expect("write");
     let chunk = format!("400\r\n{}\r\n", "x".repeat(1024));
@@ -249,7 +255,9 @@ async fn a_request_head_over_max_headers_gets_431() {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let cookie = "c".repeat(16 << 10);
     stream
-        .write_all(format!("GET / HTTP/1.1\r\nhost: shop.example\r\ncookie: {cookie}\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET / HTTP/1.1\r\nhost: shop.example\r\ncookie: {cookie}\r\n\r\n").as_bytes(),
+        )
         .await
         .expect("write");
     let (head, _) = read_response(&mut stream).await;
@@ -260,7 +268,9 @@ async fn a_request_head_over_max_headers_gets_431() {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let cookie = "c".repeat(7 << 10);
     stream
-        .write_all(format!("GET / HTTP/1.1\r\nhost: shop.example\r\ncookie: {cookie}\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET / HTTP/1.1\r\nhost: shop.example\r\ncookie: {cookie}\r\n\r\n").as_bytes(),
+        )
         .await
         .expect("write");
     let (head, _) = read_response(&mut stream).await;
@@ -321,7 +331,10 @@ async fn a_connection_that_sends_nothing_is_closed_at_the_header_timeout() {
     let (addr, _) = edge(settings, 1024, Duration::from_secs(30)).await;
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let after = closed_after(&mut stream, Duration::from_secs(5)).await;
-    assert!(after >= Duration::from_millis(400), "closed after {after:?}");
+    assert!(
+        after >= Duration::from_millis(400),
+        "closed after {after:?}"
+    );
 }
 
 #[tokio::test]
@@ -375,13 +388,18 @@ async fn a_body_that_stalls_gets_408() {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let started = Instant::now();
     stream
-        .write_all(b"POST /upload HTTP/1.1\r\nhost: shop.example\r\ncontent-length: 10\r\n\r\nhello")
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: shop.example\r\ncontent-length: 10\r\n\r\nhello",
+        )
         .await
         .expect("write");
     let (head, body) = read_response(&mut stream).await;
     let elapsed = started.elapsed();
     assert!(head.starts_with("HTTP/1.1 408 "), "{head}\n{body}");
-    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
     let problem: serde_json::Value = serde_json::from_str(&body).expect("problem json");
     assert_eq!(problem["type"], "urn:flotilla:problem:body-timeout");
     assert!(

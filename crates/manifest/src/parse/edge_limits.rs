@@ -232,7 +232,12 @@ impl Checker<'_> {
     }
 
     /// An array of strings, each with its span; `None` (reported) when it is not one.
-    fn strings(&mut self, value: &Value<'_>, key: &str, example: &str) -> Option<Vec<(String, Span)>> {
+    fn strings(
+        &mut self,
+        value: &Value<'_>,
+        key: &str,
+        example: &str,
+    ) -> Option<Vec<(String, Span)>> {
         let DeValue::Array(items) = value.get_ref() else {
             self.wrong_type(
                 value,
@@ -292,7 +297,9 @@ fn normalise_origin(origin: &str) -> Result<String, String> {
     if let Some(port) = port
         && port.parse::<u16>().map_or(true, |p| p == 0)
     {
-        return Err(format!("the port {port:?} is not a port number: {ORIGIN_HELP}"));
+        return Err(format!(
+            "the port {port:?} is not a port number: {ORIGIN_HELP}"
+        ));
     }
     Ok(origin.to_ascii_lowercase())
 }
