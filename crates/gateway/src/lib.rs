@@ -17,6 +17,9 @@ pub mod bff;
 
 pub mod rate_limit;
 
+pub mod access_log;
+pub mod cors;
+
 use std::sync::Arc;
 
 use flotilla_proxy::resilience::ResilienceLayer;

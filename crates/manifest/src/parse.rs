@@ -27,6 +27,7 @@ use crate::suggest::closest;
 
 mod auth;
 mod bff;
+mod edge_limits;
 mod protocol;
 mod rate_limit;
 mod sagas;
@@ -88,7 +89,19 @@ const TELEMETRY_KEYS: &[&str] = &[
     "stored_spans_per_second",
 ];
 const SIZE_HELP: &str = "use a number of bytes or a number with a unit, like \"512MiB\" or \"1GB\"";
-const GATEWAY_KEYS: &[&str] = &["listen", "routes", "auth", "rate_limit"];
+const GATEWAY_KEYS: &[&str] = &[
+    "listen",
+    "routes",
+    "max_body",
+    "max_headers",
+    "header_timeout",
+    "idle_timeout",
+    "body_timeout",
+    "access_log",
+    "tls",
+    "auth",
+    "rate_limit",
+];
 const ROUTE_KEYS: &[&str] = &[
     "prefix",
     "service",
@@ -103,6 +116,7 @@ const ROUTE_KEYS: &[&str] = &[
     "auth",
     "scopes",
     "rate_limit",
+    "cors",
 ];
 const CONTROL_KEYS: &[&str] = &["listen"];
 const SERVICE_KEYS: &[&str] = &[
@@ -493,6 +507,8 @@ impl Checker<'_> {
         };
         self.unknown_keys(table, GATEWAY_KEYS, "in [gateway]");
         let listen = self.listen(table, &mut settings.listen);
+        settings.limits = self.edge_limits(table);
+        settings.tls = self.gateway_tls(table);
         if let Some(value) = table.get("auth") {
             settings.auth = self.authenticators(value);
         }
@@ -943,6 +959,11 @@ impl Checker<'_> {
                 .map(|table| self.fallback(table));
             let auth = self.route_auth(table, "[[gateway.routes]]", authenticators);
             let rate_limit = self.route_rate_limit(table);
+            let cors = table.get("cors").and_then(|value| {
+                let section =
+                    self.section(table, "gateway.routes", "cors", edge_limits::CORS_KEYS)?;
+                self.cors(section, &value.span())
+            });
 
             let version = self.route_version(table);
             let deprecation = self.route_deprecation(table);
@@ -957,6 +978,7 @@ impl Checker<'_> {
                     deprecation,
                     auth,
                     rate_limit,
+                    cors,
                     ..Route::new(prefix, service)
                 };
                 routes.push((route, item.span()));

@@ -15,6 +15,10 @@
 //! below the rescue layer is a typed [`Error`] that becomes an RFC 7807 [`problem`] response carrying
 //! the request's `x-request-id`.
 //!
+//! The edge's hygiene lives here too, for both edges to use: [`ServeSettings`] (request head size,
+//! header and idle timeouts, HTTPS via [`tls`]) for [`serve_connections_with`], and
+//! [`BodyLimitLayer`] (413 for large bodies, 408 for stalled ones, never buffering).
+//!
 //! The callee's resilience policy — deadline, retries within a budget, per-try timeout, circuit
 //! breaker, bulkhead, P2C over peak-EWMA with outlier ejection, injected faults — is one layer,
 //! [`resilience::ResilienceLayer`], right above the upstream client.
@@ -26,12 +30,14 @@ mod forwarded;
 mod future;
 pub mod grpc;
 mod hop;
+mod limit;
 mod problem;
 mod request_id;
 mod rescue;
 pub mod resilience;
 mod rewrite;
 mod serve;
+pub mod tls;
 pub mod trace;
 mod upstream;
 
@@ -52,12 +58,19 @@ pub use forwarded::{
     Forwarded, ForwardedLayer, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 pub use hop::{HopByHop, HopByHopLayer};
+pub use limit::{
+    BODY_TIMEOUT, BODY_TOO_LARGE, BodyLimit, BodyLimitError, BodyLimitFuture, BodyLimitLayer,
+    LimitedBody,
+};
 pub use problem::{PROBLEM_JSON, problem};
 pub use request_id::{RequestId, RequestIdLayer, X_REQUEST_ID};
 pub use rescue::{Rescue, RescueLayer};
 pub use resilience::{BreakerEvent, BreakerState, BreakerView, Faults, Policies, Resilience};
 pub use rewrite::{Rewrite, RewriteLayer, rewrite_path};
-pub use serve::{DEFAULT_DRAIN_TIMEOUT, serve_connections};
+pub use serve::{
+    DEFAULT_DRAIN_TIMEOUT, MIN_MAX_HEADERS, ServeSettings, serve_connections,
+    serve_connections_with,
+};
 pub use trace::{Caller, Observer, TRACEPARENT, TraceParent};
 pub use upstream::Upstream;
 

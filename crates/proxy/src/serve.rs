@@ -1,14 +1,24 @@
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use flotilla_manifest::EdgeLimits;
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Service;
@@ -19,12 +29,85 @@ use crate::{ClientAddr, ProxyBody};
 /// How long in-flight requests get to finish after shutdown before their connections are closed.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// hyper's smallest HTTP/1 read buffer: a request head limit below it would make hyper panic.
+pub const MIN_MAX_HEADERS: usize = 8 << 10;
+
 /// After an accept error such as EMFILE, retrying at once would spin; a short pause lets
 /// connections close and free descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How a listener treats its clients: how large and how slow they may be, and whether they
+/// speak TLS.
+#[derive(Clone, Debug)]
+pub struct ServeSettings {
+    /// The largest request head (request line and headers), in bytes: HTTP/1.1 clients get 431
+    /// beyond it, HTTP/2 streams a 431 or a reset. Raised to [`MIN_MAX_HEADERS`] if lower.
+    pub max_headers: usize,
+    /// A new connection must deliver its first request head within this (a TLS handshake gets
+    /// as long again), and a request head that has started to arrive must be complete within
+    /// this; otherwise the connection is closed (slowloris).
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// How long in-flight requests get to finish after shutdown.
+    pub drain_timeout: Duration,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// How often an HTTP/2 connection is pinged to find peers that vanished without closing it;
+    /// one that does not answer within the same time is closed.
+    pub http2_keep_alive_interval: Duration,
+    /// Serve HTTPS with this configuration (see [`crate::tls::server_config`]) instead of
+    /// plain HTTP/1.1 and h2c.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for ServeSettings {
+    /// The manifest's default [`EdgeLimits`], plain HTTP.
+    fn default() -> Self {
+        Self::edge(&EdgeLimits::default(), None)
+    }
+}
+
+impl ServeSettings {
+    /// Settings for a gateway with the manifest's `limits` and, when set, TLS.
+    pub fn edge(limits: &EdgeLimits, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        Self {
+            max_headers: usize::try_from(limits.max_headers).unwrap_or(usize::MAX),
+            header_timeout: limits.header_timeout,
+            idle_timeout: limits.idle_timeout,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            http2_max_concurrent_streams: 256,
+            http2_keep_alive_interval: Duration::from_secs(20),
+            tls,
+        }
+    }
+
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let max_headers = self.max_headers.max(MIN_MAX_HEADERS);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            // hyper's own header timer also runs while a keep-alive connection waits for its
+            // next request, which would cut idle connections at `header_timeout`; the
+            // connection watchdog below tells the two waits apart instead.
+            .header_read_timeout(None)
+            // A head that does not fit the read buffer is answered 431 by hyper.
+            .max_buf_size(max_headers);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(max_headers).unwrap_or(u32::MAX))
+            .max_concurrent_streams(self.http2_max_concurrent_streams)
+            .keep_alive_interval(self.http2_keep_alive_interval)
+            .keep_alive_timeout(self.http2_keep_alive_interval);
+        builder
+    }
+}
+
 /// The accept loop both edges run: HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same
-/// port, each request tagged with its [`ClientAddr`] and handed to `service`.
+/// port, each request tagged with its [`ClientAddr`] and handed to `service`, with the default
+/// [`ServeSettings`] (the sidecar's and the control API's entry point).
 ///
 /// When `shutdown` is cancelled the listener is closed at once, idle connections are closed,
 /// in-flight requests get `drain_timeout` to finish, and whatever is left is then dropped.
@@ -41,16 +124,37 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The timers enable hyper's header-read timeout (a slow client cannot hold a connection
-    // forever before sending a request) and HTTP/2 keep-alive.
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let settings = ServeSettings {
+        drain_timeout,
+        ..ServeSettings::default()
+    };
+    serve_connections_with(listener, service, shutdown, settings).await
+}
+
+/// [`serve_connections`] with explicit limits, timeouts and optionally TLS (HTTP/2 and
+/// HTTP/1.1 chosen by ALPN).
+pub async fn serve_connections_with<S>(
+    listener: TcpListener,
+    service: S,
+    shutdown: CancellationToken,
+    settings: ServeSettings,
+) -> io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = Arc::new(settings.builder());
+    let tls = settings.tls.clone().map(TlsAcceptor::from);
+    let timeouts = Timeouts {
+        header: settings.header_timeout,
+        idle: settings.idle_timeout,
+    };
     let connections = TaskTracker::new();
     let abandon = CancellationToken::new();
-    tracing::debug!(addr = ?listener.local_addr().ok(), "serving");
+    tracing::debug!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "serving");
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -72,44 +176,33 @@ where
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
         }
-        let service = PerConnection {
-            inner: service.clone(),
-            client: ClientAddr(peer),
+        let connection = Connection {
+            builder: builder.clone(),
+            tls: tls.clone(),
+            timeouts,
+            peer,
+            shutdown: shutdown.clone(),
+            abandon: abandon.clone(),
         };
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let abandon = abandon.clone();
-        connections.spawn(async move {
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                result = watcher.watch(connection) => {
-                    // Clients going away mid-request are routine, not worth more than debug.
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, error = %error, "connection ended with an error");
-                    }
-                }
-                () = abandon.cancelled() => {}
-            }
-        });
+        connections.spawn(connection.run(stream, service.clone()));
     }
 
     drop(listener);
     connections.close();
-    let open = graceful.count();
-    if open > 0 {
-        tracing::debug!(open, "draining connections");
+    if !connections.is_empty() {
+        tracing::debug!(open = connections.len(), "draining connections");
     }
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    if tokio::time::timeout(settings.drain_timeout, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            ?drain_timeout,
+            drain_timeout = ?settings.drain_timeout,
             "requests still in flight after the drain timeout; closing their connections"
         );
         abandon.cancel();
+        connections.wait().await;
     }
-    connections.wait().await;
     Ok(())
 }
 
@@ -124,11 +217,274 @@ fn per_connection(error: &io::Error) -> bool {
     )
 }
 
-/// The service as one connection sees it: every request carries the connection's peer address.
+#[derive(Clone, Copy, Debug)]
+struct Timeouts {
+    header: Duration,
+    idle: Duration,
+}
+
+/// One accepted connection and what it needs to be served and stopped.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsAcceptor>,
+    timeouts: Timeouts,
+    peer: SocketAddr,
+    /// Cancelled on shutdown: finish the requests in flight, then close.
+    shutdown: CancellationToken,
+    /// Cancelled when the drain timeout has passed: close now.
+    abandon: CancellationToken,
+}
+
+impl Connection {
+    async fn run<S>(self, stream: TcpStream, service: S)
+    where
+        S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let Some(acceptor) = self.tls.clone() else {
+            return self.serve(stream, service).await;
+        };
+        // A client that connects and never finishes its handshake would otherwise hold the
+        // socket for as long as it likes.
+        let handshake = tokio::time::timeout(self.timeouts.header, acceptor.accept(stream));
+        let stream = tokio::select! {
+            handshake = handshake => match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(peer = %self.peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                    return;
+                }
+            },
+            () = self.shutdown.cancelled() => return,
+        };
+        self.serve(stream, service).await;
+    }
+
+    async fn serve<I, S>(self, io: I, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let peer = self.peer;
+        let activity = Arc::new(Activity::default());
+        let service = PerConnection {
+            inner: service,
+            client: ClientAddr(peer),
+            activity: activity.clone(),
+        };
+        let io = TokioIo::new(Watched {
+            io,
+            activity: activity.clone(),
+        });
+        let mut connection = pin!(self.builder.serve_connection(io, service));
+        let mut watchdog = pin!(activity.expired(self.timeouts));
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    // Clients going away mid-request are routine, not worth more than debug.
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, error = %error, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = self.shutdown.cancelled(), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                expired = watchdog.as_mut(), if !closing => match expired {
+                    // Nothing is in flight: hyper closes at once (HTTP/1) or says GOAWAY (HTTP/2).
+                    Expired::Idle => {
+                        tracing::debug!(%peer, "keep-alive connection idle; closing");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    Expired::Head => {
+                        tracing::debug!(%peer, "no complete request head in time; closing");
+                        return;
+                    }
+                },
+                () = self.abandon.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// What a connection is doing, as far as its timeouts care.
+#[derive(Default)]
+struct Activity {
+    /// Requests handed to the service whose response head has not been produced yet.
+    in_flight: AtomicUsize,
+    /// Requests handed to the service so far; a change means the connection was busy even if
+    /// the watchdog never saw `in_flight` above zero.
+    started: AtomicU64,
+    /// Bytes arrived while no request was in flight: the next request head is on its way.
+    reading: AtomicBool,
+    /// HTTP/2 clients send pings and window updates between requests, so bytes arriving say
+    /// nothing about a request head.
+    http2: AtomicBool,
+    changed: Notify,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for (the rest of) a request head: the first on a new connection, or one that
+    /// has started to arrive.
+    Head,
+    /// A request is being answered.
+    Busy,
+    /// Keep-alive, nothing asked.
+    Idle,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Expired {
+    Head,
+    Idle,
+}
+
+impl Activity {
+    fn phase(&self) -> (Phase, u64) {
+        let started = self.started.load(Ordering::Acquire);
+        let phase = if self.in_flight.load(Ordering::Acquire) > 0 {
+            Phase::Busy
+        } else if started == 0
+            || (self.reading.load(Ordering::Acquire) && !self.http2.load(Ordering::Relaxed))
+        {
+            Phase::Head
+        } else {
+            Phase::Idle
+        };
+        (phase, started)
+    }
+
+    /// Called on every read that returned data: only the first one after going idle wakes the
+    /// watchdog.
+    fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.reading.load(Ordering::Relaxed) {
+            self.reading.store(true, Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    fn request_started(&self, version: Version) {
+        if version == Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        self.reading.store(false, Ordering::Release);
+        self.started.fetch_add(1, Ordering::AcqRel);
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.changed.notify_one();
+        }
+    }
+
+    fn request_answered(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Resolves when the connection has spent too long in the head or idle phase.
+    async fn expired(&self, timeouts: Timeouts) -> Expired {
+        let (mut phase, mut started) = self.phase();
+        let mut since = Instant::now();
+        loop {
+            // Made before the state is read, so a change in between is not missed.
+            let changed = self.changed.notified();
+            let now = self.phase();
+            if now != (phase, started) {
+                (phase, started) = now;
+                since = Instant::now();
+            }
+            let limit = match phase {
+                Phase::Busy => {
+                    changed.await;
+                    continue;
+                }
+                Phase::Head => timeouts.header,
+                Phase::Idle => timeouts.idle,
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(since + limit) => {
+                    if self.phase() == (phase, started) {
+                        return if phase == Phase::Head { Expired::Head } else { Expired::Idle };
+                    }
+                }
+                () = changed => {}
+            }
+        }
+    }
+}
+
+/// The connection's socket (or TLS stream), telling [`Activity`] when request bytes arrive.
+struct Watched<I> {
+    io: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The service as one connection sees it: every request carries the connection's peer address,
+/// and the connection knows while a request is being answered.
 #[derive(Clone)]
 struct PerConnection<S> {
     inner: S,
     client: ClientAddr,
+    activity: Arc<Activity>,
 }
 
 impl<S> hyper::service::Service<Request<Incoming>> for PerConnection<S>
@@ -137,11 +493,98 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Oneshot<S, Request<Incoming>>;
+    type Future = Answering<Oneshot<S, Request<Incoming>>>;
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.client);
-        // `oneshot` waits for readiness, so a layer that applies backpressure (a bulkhead) works.
-        self.inner.clone().oneshot(request)
+        self.activity.request_started(request.version());
+        Answering {
+            // `oneshot` waits for readiness, so a layer that applies backpressure (a bulkhead)
+            // works.
+            inner: self.inner.clone().oneshot(request),
+            _in_flight: InFlight(self.activity.clone()),
+        }
+    }
+}
+
+/// Counts a request as in flight until its response head is ready (or it is dropped).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_answered();
+    }
+}
+
+pin_project! {
+    /// A response future that keeps its request counted as in flight.
+    struct Answering<F> {
+        #[pin]
+        inner: F,
+        _in_flight: InFlight,
+    }
+}
+
+impl<F: Future> Future for Answering<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        header: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_must_send_its_first_head_within_the_header_timeout() {
+        let activity = Activity::default();
+        let begun = Instant::now();
+        assert_eq!(activity.expired(TIMEOUTS).await, Expired::Head);
+        assert_eq!(begun.elapsed(), TIMEOUTS.header);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_waits_get_the_idle_timeout_and_a_started_head_the_header_timeout() {
+        let activity = Arc::new(Activity::default());
+        activity.request_started(Version::HTTP_11);
+        activity.request_answered();
+        let begun = Instant::now();
+        assert_eq!(activity.expired(TIMEOUTS).await, Expired::Idle);
+        assert_eq!(begun.elapsed(), TIMEOUTS.idle);
+
+        let watcher = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.expired(TIMEOUTS).await }
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        activity.bytes_read();
+        let begun = Instant::now();
+        assert_eq!(watcher.await.expect("watcher"), Expired::Head);
+        assert_eq!(begun.elapsed(), TIMEOUTS.header);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_connection_never_expires_and_its_idle_time_starts_afresh() {
+        let activity = Arc::new(Activity::default());
+        activity.request_started(Version::HTTP_2);
+        let watcher = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.expired(TIMEOUTS).await }
+        });
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!watcher.is_finished());
+        // HTTP/2 pings between requests do not count as a request head.
+        activity.request_answered();
+        activity.bytes_read();
+        let begun = Instant::now();
+        assert_eq!(watcher.await.expect("watcher"), Expired::Idle);
+        assert_eq!(begun.elapsed(), TIMEOUTS.idle);
     }
 }
