@@ -45,6 +45,11 @@ pub enum Command {
     Events(EventsArgs),
     /// Start sagas, list them, and show a saga's timeline of steps and compensations
     Saga(SagaArgs),
+    /// Print the SHA-256 digest of an API key, as `sha256` of a [gateway.auth.NAME] key
+    HashKey {
+        /// The key; read from stdin when absent (so it stays out of the shell's history)
+        key: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -53,6 +53,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => topics::publish(args).await,
             Command::Events(args) => topics::run(args).await,
             Command::Saga(args) => saga_cli::run(args).await,
+            Command::HashKey { key } => hash_key(key),
         }
     });
     match result {
@@ -74,4 +75,21 @@ fn init_tracing() {
         .with_target(false)
         .compact()
         .init();
+}
+
+/// `flotilla hash-key`: the digest the manifest holds instead of the key itself.
+fn hash_key(key: Option<String>) -> anyhow::Result<ExitCode> {
+    let key = match key {
+        Some(key) => key,
+        None => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if key.is_empty() {
+        anyhow::bail!("the key is empty\n  help: pass it as an argument or on stdin");
+    }
+    println!("{}", flotilla_gateway::auth::hash_key(&key));
+    Ok(ExitCode::SUCCESS)
 }

@@ -82,7 +82,18 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         "--control-listen",
     )
     .await?;
-    let gateway_url = format!("http://{}", gateway_listener.local_addr()?);
+    let mut gateway_settings = manifest.gateway.clone();
+    if args.tls && gateway_settings.tls.is_none() {
+        let (cert, key) = flotilla_proxy::tls::dev_certificate(&state_dir.join("tls"))
+            .map_err(|e| anyhow::anyhow!("cannot make the development certificate: {e}"))?;
+        gateway_settings.tls = Some(flotilla_manifest::TlsSettings { cert, key });
+    }
+    let scheme = if gateway_settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let gateway_url = format!("{scheme}://{}", gateway_listener.local_addr()?);
     let control_url = format!("http://{}", control_listener.local_addr()?);
 
     let registry = Registry::new();
@@ -185,12 +196,19 @@ async fn serve_fleet(args: UpArgs, manifest: Arc<Manifest>) -> Result<ExitCode> 
         stop: CancellationToken::new(),
     });
 
+    let edge = flotilla_gateway::Gateway::start(
+        &manifest.app,
+        &gateway_settings,
+        &manifest.bffs,
+        &manifest.dir,
+        edge_stop.clone(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot start the gateway: {e}"))?;
     let gateway = flotilla_gateway::serve_threaded(
         gateway_listener.into_std()?,
         std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN),
-        Arc::new(flotilla_gateway::Gateway::from_routes(
-            &manifest.gateway.routes,
-        )),
+        Arc::new(edge),
         flotilla_gateway::resilience(discovery.clone(), resilience.clone()),
         edge_stop.clone(),
     )

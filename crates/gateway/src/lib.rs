@@ -23,13 +23,18 @@ pub mod cors;
 use std::sync::Arc;
 
 use flotilla_proxy::resilience::ResilienceLayer;
-use flotilla_proxy::{ProxySettings, RequestIdLayer, RescueLayer, Resilience};
+use flotilla_proxy::{
+    BodyLimitLayer, ProxySettings, RequestIdLayer, RescueLayer, Resilience, ServeSettings,
+    serve_connections_with,
+};
 use flotilla_registry::Discovery;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
 
-pub use pipeline::{Gateway, Pipeline};
+use crate::access_log::AccessLogLayer;
+
+pub use pipeline::{Gateway, PartBody, Pipeline};
 pub use router::{ACCEPT_VERSION, DEPRECATION, RouteEntry, Router, SUNSET, requested_version};
 
 /// The gateway's resilience layer: it calls services as the caller `gateway`.
@@ -50,20 +55,29 @@ pub async fn serve<D: Discovery>(
     resilience: ResilienceLayer<D>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let below = flotilla_proxy::below_edge(resilience, ProxySettings::gateway());
+    let proxy = ProxySettings::gateway();
+    // One resilience layer for both: a facade's parts and proxied requests share the breakers.
+    let below = flotilla_proxy::below_edge(resilience.clone(), proxy.clone());
+    let parts = flotilla_proxy::below_edge::<D, PartBody>(resilience, proxy);
+    let limits = &gateway.settings.limits;
+    let serve = ServeSettings::edge(limits, gateway.tls.clone());
     let stack = ServiceBuilder::new()
         // Outermost, so that every response carries the id, the edge's refusals included.
         .layer(RequestIdLayer::new())
         // Every error below, the edge's refusals among them, becomes a problem response.
         .layer(RescueLayer::new())
-        .service(Pipeline::new(gateway, below));
-    flotilla_proxy::serve_connections(
-        listener,
-        stack,
-        shutdown,
-        flotilla_proxy::DEFAULT_DRAIN_TIMEOUT,
-    )
-    .await
+        // Before anything reads the body: an oversized one is refused by its declared length,
+        // a chunked one as soon as it passes the limit.
+        .layer(BodyLimitLayer::edge(limits))
+        .service(Pipeline::new(gateway.clone(), below, parts));
+    match gateway.access_log.clone() {
+        // Outside the request id and the rescue, so the line has the id and the final status.
+        Some(log) => {
+            let logged = AccessLogLayer::new(log).layer(stack);
+            serve_connections_with(listener, logged, shutdown, serve).await
+        }
+        None => serve_connections_with(listener, stack, shutdown, serve).await,
+    }
 }
 
 /// Serves like [`serve`], on `threads` threads that each run their own single-threaded runtime

@@ -11,6 +11,8 @@ use http::header::{ACCEPT, HeaderName, LINK};
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 
 use crate::auth::{Auth, Guard};
+use crate::cors::CorsPolicy;
+use crate::rate_limit::Quota;
 
 /// Paths echoed in a 404 are cut to this many bytes: they come from the client.
 pub(crate) const MAX_ECHOED_PATH: usize = 256;
@@ -34,6 +36,10 @@ pub struct RouteEntry {
     pub deprecation: Box<[(HeaderName, HeaderValue)]>,
     /// The route's `auth`, resolved against the gateway's authenticators.
     pub guard: Option<Guard>,
+    /// The route's `cors`, its header values prepared.
+    pub cors: Option<CorsPolicy>,
+    /// The route's `rate_limit`, prepared.
+    pub quota: Option<Quota>,
 }
 
 #[derive(Debug)]
@@ -222,6 +228,7 @@ fn entry(route: &Route, guard: Option<Guard>) -> RouteEntry {
         retry_non_idempotent: route.retry_non_idempotent,
         fallback: route.fallback.clone().map(Arc::new),
     };
+    let (cors, quota) = crate::pipeline::prepare(route);
     let id: Arc<str> = match &route.version {
         Some(version) => format!("{}@{}", route.prefix, version.name).into(),
         None => route.prefix.as_str().into(),
@@ -236,6 +243,8 @@ fn entry(route: &Route, guard: Option<Guard>) -> RouteEntry {
             .unwrap_or_default(),
         route: route.clone(),
         guard,
+        cors,
+        quota,
     }
 }
 

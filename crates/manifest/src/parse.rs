@@ -425,7 +425,7 @@ impl Checker<'_> {
             None => SagaSettings::default(),
         };
         let bffs = match root.get("bff") {
-            Some(value) => self.bffs(value, &services, &gateway.routes),
+            Some(value) => self.bffs(value, &services, &gateway.routes, &gateway.auth),
             None => Vec::new(),
         };
         let blamed = match (control_listen, gateway_listen) {

@@ -9,15 +9,13 @@ use toml::de::{DeTable, DeValue};
 
 use super::sagas::{CALL_HELP, CallScope, METHODS, next_word};
 use super::{Checker, Span, Value, a_type};
-use crate::edge::{Bff, BffPart, BffRoute, ProjectedField, Projection};
+use crate::edge::{Authenticator, Bff, BffPart, BffRoute, ProjectedField, Projection};
 use crate::model::{Route, Service, TemplateRef};
 use crate::suggest::closest;
 use crate::template::Dialect;
 
 const FACADE_KEYS: &[&str] = &["prefix", "routes"];
-// `auth` and `scopes` belong here too once a route's authentication is parsed; until then they
-// are refused as unknown keys rather than ignored, so no facade is public by mistake.
-const ROUTE_KEYS: &[&str] = &["path", "method", "parts"];
+const ROUTE_KEYS: &[&str] = &["path", "method", "parts", "auth", "scopes"];
 const PART_KEYS: &[&str] = &["call", "optional", "fields"];
 const MAX_NAME: usize = 64;
 /// Deeper field selections are refused: nobody writes them, and parsing recurses.
@@ -121,6 +119,7 @@ impl Checker<'_> {
         value: &Value<'_>,
         services: &[Service],
         routes: &[Route],
+        authenticators: &[Authenticator],
     ) -> Vec<Bff> {
         let Some(table) = self.table(value, "bff") else {
             return Vec::new();
@@ -156,7 +155,7 @@ impl Checker<'_> {
             self.unknown_keys(body, FACADE_KEYS, &format!("in [{path}]"));
             let prefix = self.facade_prefix(name, &key.span(), body, &mut claimed, routes);
             let routes = match body.get("routes") {
-                Some(value) => self.facade_routes(name, value, services),
+                Some(value) => self.facade_routes(name, value, services, authenticators),
                 None => {
                     self.error(
                         &key.span(),
@@ -272,6 +271,7 @@ impl Checker<'_> {
         facade: &str,
         value: &Value<'_>,
         services: &[Service],
+        authenticators: &[Authenticator],
     ) -> Vec<BffRoute> {
         let header = format!("[[bff.{facade}.routes]]");
         let DeValue::Array(items) = value.get_ref() else {
@@ -356,11 +356,12 @@ impl Checker<'_> {
                 placeholders: placeholders.as_deref(),
             };
             let parts = self.route_parts(facade, &item.span(), table, &scope, services);
+            let auth = self.route_auth(table, &header, authenticators);
             if let (Some(method), Some((text, _, _)), Some(parts)) = (method, path, parts) {
                 routes.push(BffRoute {
                     method,
                     path: text,
-                    auth: None,
+                    auth,
                     parts,
                 });
             }
