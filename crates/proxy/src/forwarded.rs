@@ -7,14 +7,15 @@ use http::header::{FORWARDED, HOST, HeaderName};
 use http::{HeaderMap, HeaderValue, Request};
 use tower::{Layer, Service};
 
-use crate::ClientAddr;
+use crate::{ClientAddr, Secure};
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The edge serves plain HTTP; TLS termination, when it comes, sets this per connection.
-const PROTO: HeaderValue = HeaderValue::from_static("http");
+const HTTP: HeaderValue = HeaderValue::from_static("http");
+const HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// Tells the instance who the client was: appends the peer to `x-forwarded-for`, sets
 /// `x-forwarded-proto` and `x-forwarded-host`, and appends an RFC 7239 `forwarded` element.
@@ -62,12 +63,18 @@ where
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
-        add_forwarded(request.headers_mut(), client, host);
+        let secure = request.extensions().get::<Secure>().is_some();
+        add_forwarded(request.headers_mut(), client, host, secure);
         self.inner.call(request)
     }
 }
 
-fn add_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>, host: Option<HeaderValue>) {
+fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: Option<IpAddr>,
+    host: Option<HeaderValue>,
+    secure: bool,
+) {
     if let Some(ip) = client {
         // One line, earlier hops first, as most frameworks read only the first line.
         let mut value = BytesMut::with_capacity(64);
@@ -81,7 +88,7 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>, host: Option<H
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    headers.insert(X_FORWARDED_PROTO, PROTO);
+    headers.insert(X_FORWARDED_PROTO, if secure { HTTPS } else { HTTP });
 
     let mut element = BytesMut::with_capacity(96);
     match client {
@@ -94,7 +101,11 @@ fn add_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>, host: Option<H
         }
         None => element.put_slice(b"for=unknown"),
     }
-    element.put_slice(b";proto=http");
+    element.put_slice(if secure {
+        b";proto=https"
+    } else {
+        b";proto=http"
+    });
     if let Some(host) = &host {
         put_host(&mut element, host.as_bytes());
     }
@@ -146,6 +157,7 @@ mod tests {
             &mut headers,
             Some("10.0.0.7".parse().expect("ip")),
             Some(HeaderValue::from_static("shop.example")),
+            false,
         );
         assert_eq!(headers[X_FORWARDED_FOR], "10.0.0.7");
         assert_eq!(headers[X_FORWARDED_PROTO], "http");
@@ -166,6 +178,7 @@ mod tests {
             &mut headers,
             Some("::1".parse().expect("ip")),
             Some(HeaderValue::from_static("localhost:8080")),
+            false,
         );
         assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, ::1");
         assert_eq!(
@@ -180,9 +193,17 @@ mod tests {
     #[test]
     fn without_client_or_host() {
         let mut headers = HeaderMap::new();
-        add_forwarded(&mut headers, None, None);
+        add_forwarded(&mut headers, None, None, false);
         assert!(!headers.contains_key(X_FORWARDED_FOR));
         assert!(!headers.contains_key(X_FORWARDED_HOST));
         assert_eq!(forwarded(&headers), ["for=unknown;proto=http"]);
+    }
+
+    #[test]
+    fn over_tls_the_proto_is_https() {
+        let mut headers = HeaderMap::new();
+        add_forwarded(&mut headers, None, None, true);
+        assert_eq!(headers[X_FORWARDED_PROTO], "https");
+        assert_eq!(forwarded(&headers), ["for=unknown;proto=https"]);
     }
 }

@@ -116,6 +116,10 @@ impl Target {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// The request came in over TLS (the forwarded headers then say `proto=https`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Secure;
+
 /// How the shared stack behaves; the gateway and the sidecar differ only in `forwarded`.
 #[derive(Clone, Debug)]
 pub struct ProxySettings {

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 use tower::util::{Oneshot, ServiceExt};
 
-use crate::{ClientAddr, ProxyBody};
+use crate::{ClientAddr, ProxyBody, Secure};
 
 /// How long in-flight requests get to finish after shutdown before their connections are closed.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -245,7 +245,7 @@ impl Connection {
         S::Future: Send + 'static,
     {
         let Some(acceptor) = self.tls.clone() else {
-            return self.serve(stream, service).await;
+            return self.serve(stream, service, false).await;
         };
         // A client that connects and never finishes its handshake would otherwise hold the
         // socket for as long as it likes.
@@ -264,10 +264,10 @@ impl Connection {
             },
             () = self.shutdown.cancelled() => return,
         };
-        self.serve(stream, service).await;
+        self.serve(stream, service, true).await;
     }
 
-    async fn serve<I, S>(self, io: I, service: S)
+    async fn serve<I, S>(self, io: I, service: S, secure: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
@@ -281,6 +281,7 @@ impl Connection {
         let service = PerConnection {
             inner: service,
             client: ClientAddr(peer),
+            secure,
             activity: activity.clone(),
         };
         let io = TokioIo::new(Watched {
@@ -484,6 +485,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 struct PerConnection<S> {
     inner: S,
     client: ClientAddr,
+    /// The connection is HTTPS: requests are tagged with [`Secure`].
+    secure: bool,
     activity: Arc<Activity>,
 }
 
@@ -497,6 +500,9 @@ where
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.client);
+        if self.secure {
+            request.extensions_mut().insert(Secure);
+        }
         self.activity.request_started(request.version());
         Answering {
             // `oneshot` waits for readiness, so a layer that applies backpressure (a bulkhead)

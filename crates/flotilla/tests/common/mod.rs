@@ -108,6 +108,11 @@ pub struct Fleet {
 impl Fleet {
     /// Starts `flotilla up DIR` on free ports and waits until its control API answers.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// [`Fleet::start`] with extra environment variables for `flotilla up`.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let log = dir.join("up.log");
         let out = std::fs::File::create(&log).expect("log file");
         let child = flotilla()
@@ -122,6 +127,7 @@ impl Fleet {
                 "127.0.0.1:0",
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
