@@ -56,6 +56,7 @@ fn the_shop_takes_an_order_through_the_gateway() {
     assert_eq!(read["id"], id.as_str());
     assert_eq!(read["items"][0]["qty"], 2);
     one_trace_through_every_service(&fleet, &api, &sku);
+    facades_compose_the_order(&fleet, &id);
 
     // Bad input is a 4xx problem, never a 500.
     let bad = post_raw(&format!("{api}/orders"), "{not json");
@@ -119,6 +120,33 @@ fn the_shop_takes_an_order_through_the_gateway() {
     cascade(&fleet, &api, &sku);
     fleet = crash_in_the_middle_of_sagas(fleet, &products);
     drop(fleet);
+}
+
+/// The web facade gives the whole order with its payment and shipment in one answer; the mobile
+/// facade the few fields a phone shows.
+fn facades_compose_the_order(fleet: &Fleet, id: &str) {
+    let web: Value = get(&format!("{}/web/orders/{id}", fleet.gateway))
+        .json()
+        .expect("web order");
+    assert_eq!(web["order"]["id"], id, "{web:#}");
+    assert_eq!(web["order"]["status"], "confirmed", "{web:#}");
+    assert_eq!(web["payment"][0]["order_id"], id, "{web:#}");
+    assert_eq!(web["shipment"][0]["order_id"], id, "{web:#}");
+    let mobile = get(&format!("{}/mobile/orders/{id}", fleet.gateway));
+    assert!(mobile.headers().get("flotilla-degraded").is_none());
+    let mobile: Value = mobile.json().expect("mobile order");
+    let order = mobile["order"].as_object().expect("order object");
+    let mut keys: Vec<&str> = order.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["id", "status", "total"], "{mobile:#}");
+    let shipment = mobile["shipment"][0].as_object().expect("shipment object");
+    assert_eq!(
+        shipment.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["status"],
+        "{mobile:#}"
+    );
+    let unknown = get(&format!("{}/web/orders/ord_doesnotexist", fleet.gateway));
+    assert_eq!(unknown.status(), 404);
 }
 
 /// The catalog's expensive product is over the payments limit: the saga reserves the stock,
