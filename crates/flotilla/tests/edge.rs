@@ -73,6 +73,14 @@ fields = "service,path"
 call = "GET echo /again/{{{{path.id}}}}"
 fields = "/headers/accept"
 
+[[bff.web.routes]]
+path = "/mine/{{id}}"
+auth = "users"
+
+[bff.web.routes.parts.thing]
+call = "GET echo /mine/{{{{path.id}}}}"
+fields = "/headers/x-flotilla-subject"
+
 [services.echo]
 run = "python3 echo.py"
 health = {{ interval = "200ms" }}
@@ -292,6 +300,21 @@ fn the_gateway_is_an_edge() {
         }),
         "{web:#}"
     );
+
+    // A facade route with `auth`: refused without a token, the subject forwarded to each part.
+    let mine = format!("{gateway}/web/mine/7");
+    assert_eq!(
+        client.get(&mine).send().expect("mine").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let mine: Value = client
+        .get(&mine)
+        .bearer_auth(token(valid_claims("cy")))
+        .send()
+        .expect("mine")
+        .json()
+        .expect("json");
+    assert_eq!(mine, json!({"thing": {"x-flotilla-subject": "cy"}}));
 
     // Every request above is in the access log, with its status.
     let log = fleet.dir.join(".flotilla/logs/gateway-access.log");

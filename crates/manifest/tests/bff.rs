@@ -514,7 +514,8 @@ optinal = true
         found,
         [
             (14, 10, "HTTP method `get` must be upper-case"),
-            (15, 1, "unknown key `auth` in [[bff.web.routes]]"),
+            // Facade routes take `auth` like gateway routes; this one names none declared.
+            (15, 8, "unknown authenticator `users` in [[bff.web.routes]]"),
             (
                 16,
                 23,
@@ -527,4 +528,23 @@ optinal = true
             ),
         ]
     );
+}
+
+#[test]
+fn facade_routes_take_auth_like_gateway_routes() {
+    let manifest = ok(&with(
+        r#"[gateway.auth.users]
+secret_env = "SHOP_JWT_SECRET"
+[bff.web]
+[[bff.web.routes]]
+path = "/orders/{id}"
+auth = "users"
+scopes = ["orders:read"]
+[bff.web.routes.parts.order]
+call = "GET orders /orders/{{path.id}}"
+"#,
+    ));
+    let auth = manifest.bffs[0].routes[0].auth.clone().expect("auth");
+    assert_eq!(auth.authenticators, ["users"]);
+    assert_eq!(auth.scopes, ["orders:read"]);
 }
