@@ -1,27 +1,15 @@
 //! `[gateway.auth.NAME]` and a route's `auth`/`scopes`: what valid tables turn into, and where
 //! and how every mistake is reported.
 
+mod common;
+use common::{errors, ok};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_manifest::{
-    ApiKey, AuthKind, Authenticator, Diagnostic, Diagnostics, JwtAlgorithm, JwtKeys, Manifest,
-    RouteAuth, parse,
+    ApiKey, AuthKind, Authenticator, Diagnostic, Diagnostics, JwtAlgorithm, JwtKeys, RouteAuth,
 };
-
-fn ok(source: &str) -> Manifest {
-    match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => manifest,
-        Err(diagnostics) => panic!("expected a valid manifest, got:\n{diagnostics}"),
-    }
-}
-
-fn errors(source: &str) -> Vec<Diagnostic> {
-    match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => panic!("expected errors, got {:#?}", manifest.gateway),
-        Err(diagnostics) => diagnostics.0,
-    }
-}
 
 /// The 1-based line and column of the first `needle` in `source`.
 fn position(source: &str, needle: &str) -> (usize, usize) {

@@ -1,43 +1,11 @@
 //! `[bff.NAME]` facades: what valid ones turn into, and where and how invalid ones are reported.
 
+mod common;
+use common::*;
+
 use std::path::Path;
 
-use flotilla_manifest::{
-    Bff, Diagnostic, Diagnostics, Manifest, ProjectedField, TemplatePart, TemplateRef, parse,
-};
-
-fn ok(source: &str) -> Manifest {
-    match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => manifest,
-        Err(diagnostics) => panic!("expected a valid manifest, got:\n{diagnostics}"),
-    }
-}
-
-/// The one error `source` has, checked to be at `line`:`column` with `message`.
-#[track_caller]
-fn single_error(source: &str, line: usize, column: usize, message: &str) -> Diagnostic {
-    let found = match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => panic!("expected errors, got {:#?}", manifest.bffs),
-        Err(diagnostics) => diagnostics.0,
-    };
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one error, got:\n{}",
-        Diagnostics(found)
-    );
-    let error = found.into_iter().next().expect("one error");
-    assert_eq!(
-        (error.line, error.column, error.message.as_str()),
-        (line, column, message),
-        "\n{error}"
-    );
-    error
-}
-
-fn help(error: &Diagnostic) -> &str {
-    error.help.as_deref().unwrap_or("")
-}
+use flotilla_manifest::{Bff, ProjectedField, TemplatePart, TemplateRef, parse};
 
 /// Services and a gateway route; facades are appended by each test. Six lines.
 const BASE: &str = r#"app = "shop"

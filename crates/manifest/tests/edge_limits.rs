@@ -1,43 +1,13 @@
 //! `[gateway]` limits, `[gateway.tls]` and a route's `cors`: what valid ones turn into, and
 //! where and how invalid ones are reported.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::*;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
-use flotilla_manifest::{Cors, Diagnostic, Diagnostics, EdgeLimits, Manifest, TlsSettings, parse};
-
-fn ok(source: &str) -> Manifest {
-    match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => manifest,
-        Err(diagnostics) => panic!("expected a valid manifest, got:\n{diagnostics}"),
-    }
-}
-
-/// The one error `source` has, checked to be at `line`:`column` with `message`.
-#[track_caller]
-fn single_error(source: &str, line: usize, column: usize, message: &str) -> Diagnostic {
-    let found = match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => panic!("expected errors, got {manifest:#?}"),
-        Err(diagnostics) => diagnostics.0,
-    };
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one error, got:\n{}",
-        Diagnostics(found)
-    );
-    let error = found.into_iter().next().expect("one error");
-    assert_eq!(
-        (error.line, error.column, error.message.as_str()),
-        (line, column, message),
-        "\n{error}"
-    );
-    error
-}
-
-fn help(error: &Diagnostic) -> &str {
-    error.help.as_deref().unwrap_or("")
-}
+use flotilla_manifest::{Cors, EdgeLimits, TlsSettings};
 
 /// A manifest whose `[gateway]` holds `gateway` (its keys, then any sub-tables).
 fn with_gateway(gateway: &str) -> String {

@@ -1,61 +1,23 @@
 //! End-to-end tests of `parse` and `load`: what valid manifests turn into, and exactly where and
 //! how invalid ones are reported.
 
+mod common;
+use common::*;
+
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_manifest::{
-    BodyTemplate, BreakerPolicy, BulkheadPolicy, DEFAULT_OTLP_LISTEN, Diagnostic, Diagnostics,
-    EventBackend, EventSettings, Fallback, Fsync, HealthSettings, LoadBalancer, Manifest,
-    OutlierPolicy, PathSegment, Policy, RestartSettings, RetryPolicy, SagaSettings, SagaStoreKind,
-    SagaTrigger, StepRetry, Subscription, TelemetrySettings, TelemetryStorage, TemplatePart,
-    TemplateRef, Topic, load, parse,
+    BodyTemplate, BreakerPolicy, BulkheadPolicy, DEFAULT_OTLP_LISTEN, Diagnostics, EventBackend,
+    EventSettings, Fallback, Fsync, HealthSettings, LoadBalancer, Manifest, OutlierPolicy,
+    PathSegment, Policy, RestartSettings, RetryPolicy, SagaSettings, SagaStoreKind, SagaTrigger,
+    StepRetry, Subscription, TelemetrySettings, TelemetryStorage, TemplatePart, TemplateRef, Topic,
+    load, parse,
 };
 
 const DURATION_HELP: &str = "use a number with a unit, like \"500ms\", \"2s\" or \"1m\"";
-
-fn ok(source: &str) -> Manifest {
-    match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => manifest,
-        Err(diagnostics) => panic!("expected a valid manifest, got:\n{diagnostics}"),
-    }
-}
-
-fn errors(source: &str) -> Vec<Diagnostic> {
-    match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => panic!("expected errors, got {manifest:#?}"),
-        Err(diagnostics) => {
-            assert!(!diagnostics.is_empty());
-            diagnostics.0
-        }
-    }
-}
-
-/// The one error `source` has, checked to be at `line`:`column` with `message`.
-#[track_caller]
-fn single_error(source: &str, line: usize, column: usize, message: &str) -> Diagnostic {
-    let found = errors(source);
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one error, got:\n{}",
-        Diagnostics(found)
-    );
-    let error = found.into_iter().next().expect("one error");
-    assert_eq!(
-        (error.line, error.column, error.message.as_str()),
-        (line, column, message),
-        "\n{error}"
-    );
-    assert_eq!(error.file, Path::new("flotilla.toml"));
-    error
-}
-
-fn help(error: &Diagnostic) -> &str {
-    error.help.as_deref().unwrap_or("")
-}
 
 fn names(manifest: &Manifest) -> Vec<&str> {
     manifest.services.iter().map(|s| &*s.name).collect()

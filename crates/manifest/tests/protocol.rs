@@ -1,38 +1,9 @@
 //! `protocol` of a service: how the proxies talk to its instances.
 
-use std::path::Path;
+mod common;
+use common::*;
 
-use flotilla_manifest::{Diagnostic, Diagnostics, Manifest, Protocol, parse};
-
-fn ok(source: &str) -> Manifest {
-    match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => manifest,
-        Err(diagnostics) => panic!("expected a valid manifest, got:\n{diagnostics}"),
-    }
-}
-
-/// The one error `source` has, checked to be at `line`:`column` with `message`.
-#[track_caller]
-fn single_error(source: &str, line: usize, column: usize, message: &str) -> Diagnostic {
-    let found = match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => panic!("expected errors, got {manifest:#?}"),
-        Err(diagnostics) => diagnostics.0,
-    };
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one error, got:\n{}",
-        Diagnostics(found)
-    );
-    let error = found.into_iter().next().expect("one error");
-    assert_eq!(
-        (error.line, error.column, error.message.as_str()),
-        (line, column, message),
-        "\n{error}"
-    );
-    assert_eq!(error.file, Path::new("flotilla.toml"));
-    error
-}
+use flotilla_manifest::Protocol;
 
 fn service(protocol_line: &str) -> String {
     format!(

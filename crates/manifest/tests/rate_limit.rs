@@ -1,41 +1,13 @@
 //! `[gateway.rate_limit]` and routes' `rate_limit`: what valid settings become, and where and how
 //! every bad value is reported.
 
+mod common;
+use common::*;
+
 use std::path::Path;
 use std::time::Duration;
 
-use flotilla_manifest::{
-    Diagnostic, Diagnostics, Manifest, RateLimit, RateLimitKey, RateLimitStore, parse,
-};
-
-fn ok(source: &str) -> Manifest {
-    match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => manifest,
-        Err(diagnostics) => panic!("expected a valid manifest, got:\n{diagnostics}"),
-    }
-}
-
-/// The one error `source` has, checked to be at `line`:`column` with `message`.
-#[track_caller]
-fn single_error(source: &str, line: usize, column: usize, message: &str) -> Diagnostic {
-    let found = match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => panic!("expected errors, got {manifest:#?}"),
-        Err(diagnostics) => diagnostics.0,
-    };
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one error, got:\n{}",
-        Diagnostics(found)
-    );
-    let error = found.into_iter().next().expect("one error");
-    assert_eq!(
-        (error.line, error.column, error.message.as_str()),
-        (line, column, message),
-        "\n{error}"
-    );
-    error
-}
+use flotilla_manifest::{Diagnostic, Manifest, RateLimit, RateLimitKey, RateLimitStore, parse};
 
 #[track_caller]
 fn help_contains(error: &Diagnostic, wanted: &str) {

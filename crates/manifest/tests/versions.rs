@@ -1,32 +1,9 @@
 //! API versions of gateway routes: several routes per prefix, `service@version`, deprecation.
 
-use std::path::Path;
+mod common;
+use common::*;
+
 use std::time::{Duration, UNIX_EPOCH};
-
-use flotilla_manifest::{Diagnostic, Manifest, parse};
-
-fn ok(source: &str) -> Manifest {
-    match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => manifest,
-        Err(diagnostics) => panic!("expected a valid manifest, got:\n{diagnostics}"),
-    }
-}
-
-#[track_caller]
-fn single_error(source: &str, line: usize, column: usize, message: &str) -> Diagnostic {
-    let found = match parse(source, Path::new("flotilla.toml")) {
-        Ok(manifest) => panic!("expected errors, got {manifest:#?}"),
-        Err(diagnostics) => diagnostics.0,
-    };
-    assert_eq!(found.len(), 1, "expected one error, got: {found:#?}");
-    let error = found.into_iter().next().expect("one error");
-    assert_eq!(
-        (error.line, error.column, error.message.as_str()),
-        (line, column, message),
-        "\n{error}"
-    );
-    error
-}
 
 const SERVICES: &str = r#"
 [services.orders]
