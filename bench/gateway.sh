@@ -127,7 +127,7 @@ haproxy_port="$(free_port)"
 cat > "$work/haproxy.cfg" <<CONF
 global
     nbthread $threads
-    maxconn 20000
+    maxconn 4096
     pidfile $work/haproxy.pid
 defaults
     mode http

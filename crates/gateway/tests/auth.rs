@@ -1035,3 +1035,44 @@ fn hash_key_matches_sha256sum() {
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     );
 }
+
+#[tokio::test]
+async fn a_remembered_token_still_expires_and_goes_with_its_key() {
+    let f = fixture(Duration::from_secs(3600)).await;
+    // Expiry: a token 29 s past `exp` passes within the 30 s leeway, and is refused once the
+    // leeway is over even though its signature was already verified.
+    let internal = f.auth.guard(&route(&["internal"], &[])).expect("guard");
+    let claims = json!({"iss": "shop", "sub": "svc", "exp": now() - 29});
+    let token = hs256(SECRET.as_bytes(), &claims);
+    admit(&f.auth, &internal, bearer(&token))
+        .await
+        .expect("within the leeway");
+    admit(&f.auth, &internal, bearer(&token))
+        .await
+        .expect("remembered");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let refused = admit(&f.auth, &internal, bearer(&token))
+        .await
+        .expect_err("expired since");
+    assert_invalid_token(&refused, &token, "expired");
+
+    // Key rotation: once the provider drops ec-1, a token it verified before is refused.
+    let users = f.auth.guard(&route(&["users"], &[])).expect("guard");
+    let old = f.keys.es256("ec-1", &good_claims());
+    admit(&f.auth, &users, bearer(&old)).await.expect("ec-1");
+    admit(&f.auth, &users, bearer(&old))
+        .await
+        .expect("remembered");
+    let new_key = new_ec(&f.keys.rng);
+    f.jwks
+        .publish(&json!({ "keys": [ec_jwk(&new_key, "ec-2")] }));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let rotated = es256_with(&new_key, &f.keys.rng, "ec-2", &good_claims());
+    admit(&f.auth, &users, bearer(&rotated))
+        .await
+        .expect("ec-2 after the refetch");
+    let refused = admit(&f.auth, &users, bearer(&old))
+        .await
+        .expect_err("ec-1 is gone");
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+}

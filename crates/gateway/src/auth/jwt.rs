@@ -2,8 +2,9 @@
 //! request; each JWT authenticator of the route then picks a key, checks the signature and the
 //! claims.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -18,8 +19,13 @@ use super::{Identity, Rejection};
 /// Longer `Authorization` values are refused before any decoding.
 const MAX_TOKEN_BYTES: usize = 16 << 10;
 
+/// Verified tokens remembered per authenticator; when full, the memory starts afresh.
+const VERIFIED_CAPACITY: usize = 4096;
+
 /// A compact JWS, split, with its header decoded; nothing verified yet.
 pub(crate) struct Token<'t> {
+    /// The whole token.
+    text: &'t str,
     /// `header.payload`, what the signature covers.
     signing_input: &'t str,
     payload: &'t str,
@@ -81,6 +87,7 @@ impl<'t> Token<'t> {
             None => Err(BadAlg::Unknown),
         };
         Ok(Self {
+            text: token,
             signing_input: &token[..encoded_header.len() + 1 + payload.len()],
             payload,
             signature,
@@ -101,6 +108,18 @@ pub(crate) struct JwtAuthenticator {
     forward: Box<[(HeaderName, Box<str>)]>,
     /// "RS256, ES256", for refusals.
     algorithm_list: Box<str>,
+    /// Tokens whose signature this authenticator verified, by their whole text, with their
+    /// claims. A client sends one token for many requests, and checking an RS256 or ES256
+    /// signature costs more than the rest of the gateway's work on a request. An entry counts
+    /// only while the key set that verified it is still the current one (a rotation that
+    /// drops the key drops its tokens), and the claims' times are checked again on every use.
+    verified: Mutex<HashMap<Box<str>, Verified>>,
+}
+
+/// A token's verification, remembered.
+struct Verified {
+    keys: Arc<KeySet>,
+    claims: Claims,
 }
 
 pub(crate) enum Keys {
@@ -128,7 +147,33 @@ impl JwtAuthenticator {
             leeway: settings.leeway,
             forward,
             algorithm_list: names.join(", ").into(),
+            verified: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The claims of `token` if this authenticator verified it with the keys it has now.
+    fn remembered(&self, token: &Token<'_>) -> Option<Claims> {
+        let current = match &self.keys {
+            Keys::Fixed(set) => set.clone(),
+            Keys::Remote(remote) => remote.current()?,
+        };
+        let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = verified.get(token.text)?;
+        Arc::ptr_eq(&entry.keys, &current).then(|| entry.claims.clone())
+    }
+
+    fn remember(&self, token: &Token<'_>, keys: Arc<KeySet>, claims: &Claims) {
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_CAPACITY {
+            verified.clear();
+        }
+        verified.insert(
+            token.text.into(),
+            Verified {
+                keys,
+                claims: claims.clone(),
+            },
+        );
     }
 
     /// Verifies `token`, returning who it names. `via` is the authenticator's name as a header.
@@ -138,6 +183,10 @@ impl JwtAuthenticator {
         via: &Arc<str>,
         via_header: &HeaderValue,
     ) -> Result<Identity, Rejection> {
+        if let Some(claims) = self.remembered(token) {
+            self.check(&claims)?;
+            return Identity::from_claims(claims, via.clone(), via_header.clone());
+        }
         let alg = match token.alg {
             Err(BadAlg::None) => {
                 return Err(Rejection::format(
@@ -159,23 +208,30 @@ impl JwtAuthenticator {
         let signature = URL_SAFE_NO_PAD
             .decode(token.signature)
             .map_err(|_| Rejection::format("the token's signature is not base64url"))?;
-        let verified = match &self.keys {
-            Keys::Fixed(set) => verify_with(set, alg, token, &signature)?,
+        let (verified, keys) = match &self.keys {
+            Keys::Fixed(set) => (verify_with(set, alg, token, &signature)?, set.clone()),
             Keys::Remote(remote) => {
                 let current = remote.current();
                 let first = match &current {
                     Some(set) => verify_with(set, alg, token, &signature),
                     None => Err(Rejection::unavailable()),
                 };
-                match first {
-                    Err(rejection) if rejection.unknown_key || rejection.unavailable => {
+                match (first, current) {
+                    (Err(rejection), current) if rejection.unknown_key || rejection.unavailable => {
                         match remote.refetch(current.as_ref()).await {
-                            Refetch::Fresh(set) => verify_with(&set, alg, token, &signature)?,
+                            Refetch::Fresh(set) => {
+                                (verify_with(&set, alg, token, &signature)?, set)
+                            }
                             Refetch::TooSoon => return Err(rejection),
                             Refetch::Unavailable => return Err(Rejection::unavailable()),
                         }
                     }
-                    other => other?,
+                    (first, Some(current)) => (first?, current),
+                    // Without keys the first try is `unavailable`, handled above.
+                    (first, None) => {
+                        first?;
+                        return Err(Rejection::unavailable());
+                    }
                 }
             }
         };
@@ -184,6 +240,7 @@ impl JwtAuthenticator {
         }
         let claims = self.claims(token.payload)?;
         self.check(&claims)?;
+        self.remember(token, keys, &claims);
         Identity::from_claims(claims, via.clone(), via_header.clone())
     }
 
@@ -276,7 +333,7 @@ fn short(error: &serde_json::Error) -> &'static str {
 }
 
 /// The claims Flotilla reads; the others are skipped without being stored.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct Claims {
     pub(crate) exp: Option<f64>,
     pub(crate) nbf: Option<f64>,
