@@ -270,6 +270,33 @@ fn the_gateway_is_an_edge() {
     let refused = preflight("https://evil.example");
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
     assert_eq!(problem(refused)["type"], "urn:flotilla:problem:cors-origin");
+    // A page of an allowed origin can read a refusal too (a 401 without CORS headers would be
+    // a network error to it); another origin's page cannot.
+    let unauthorized = client
+        .get(&private)
+        .header("origin", "https://shop.example")
+        .send()
+        .expect("401 to a page");
+    assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        unauthorized.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    assert!(unauthorized.headers().contains_key("x-request-id"));
+    assert_eq!(
+        problem(unauthorized)["type"],
+        "urn:flotilla:problem:unauthenticated"
+    );
+    let elsewhere = client
+        .get(&private)
+        .header("origin", "https://evil.example")
+        .send()
+        .expect("401 elsewhere");
+    assert!(
+        !elsewhere
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
 
     // Limits: a body over max_body, a head over max_headers.
     let big = client

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use flotilla_manifest::{Bff, GatewaySettings};
-use flotilla_proxy::{BoxError, ClientAddr, ProxyBody};
+use flotilla_proxy::{BoxError, ClientAddr, ProxyBody, X_REQUEST_ID};
 use http::header::ORIGIN;
 use http::{Request, Response};
 use http_body_util::Empty;
@@ -232,28 +232,51 @@ where
                 }
                 None => None,
             };
-            // The body waits apart while the checks (which may wait themselves) read the head.
-            let (mut head, body) = request.into_parts();
-            let identity = match &entry.guard {
-                Some(guard) => {
-                    let identity = guard
-                        .check(&head.headers)
-                        .await
-                        .map_err(flotilla_proxy::Error::from)?;
-                    identity.apply(&mut head.headers);
-                    Some(identity)
-                }
-                None => None,
-            };
-            let decision = match (&entry.quota, &gateway.limiter) {
-                (Some(quota), Some(limiter)) => {
-                    Some(limit(limiter, quota, &head, identity.as_ref()).await?)
+            // A browser page only sees an answer with CORS headers, refusals included: those
+            // become responses here rather than in the rescue layer above (gRPC calls, which
+            // are never a browser's, keep their gRPC errors).
+            let cors_refusals = match (&entry.cors, &origin) {
+                (Some(cors), Some(_)) if !flotilla_proxy::grpc::is_grpc(request.headers()) => {
+                    Some((cors, request.headers().get(X_REQUEST_ID).cloned()))
                 }
                 _ => None,
             };
-            head.extensions.insert(entry.target.clone());
-            let request = Request::from_parts(head, body);
-            let mut response = inner.oneshot(request).await?;
+            // The body waits apart while the checks (which may wait themselves) read the head.
+            let (mut head, body) = request.into_parts();
+            let answered = async {
+                let identity = match &entry.guard {
+                    Some(guard) => {
+                        let identity = guard
+                            .check(&head.headers)
+                            .await
+                            .map_err(flotilla_proxy::Error::from)?;
+                        identity.apply(&mut head.headers);
+                        Some(identity)
+                    }
+                    None => None,
+                };
+                let decision = match (&entry.quota, &gateway.limiter) {
+                    (Some(quota), Some(limiter)) => {
+                        Some(limit(limiter, quota, &head, identity.as_ref()).await?)
+                    }
+                    _ => None,
+                };
+                head.extensions.insert(entry.target.clone());
+                let request = Request::from_parts(head, body);
+                let response = inner.oneshot(request).await?;
+                Ok::<_, BoxError>((response, decision))
+            }
+            .await;
+            let (mut response, decision) = match (answered, cors_refusals) {
+                (Ok(answered), _) => answered,
+                (Err(error), Some((cors, request_id))) => {
+                    let error = error.downcast::<flotilla_proxy::Error>()?;
+                    let mut response = error.to_response(request_id.as_ref());
+                    cors.decorate(origin.as_ref(), response.headers_mut());
+                    return Ok(response);
+                }
+                (Err(error), None) => return Err(error),
+            };
             let headers = response.headers_mut();
             for (name, value) in entry.deprecation.iter() {
                 headers.append(name, value.clone());
