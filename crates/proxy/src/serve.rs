@@ -16,7 +16,6 @@ use hyper_util::server::conn::auto;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -323,8 +322,14 @@ impl Connection {
 }
 
 /// What a connection is doing, as far as its timeouts care.
-#[derive(Default)]
+///
+/// Requests only record what happened (a few atomics, a clock read when a wait begins); the
+/// watchdog reads it when it wakes. It never needs waking early: while a connection is busy or
+/// idle it looks again at least every header timeout, and a wait's deadline is counted from
+/// when the wait began, so each timeout still ends exactly on time.
 struct Activity {
+    /// When the connection was accepted; `since_us` counts from here.
+    epoch: Instant,
     /// Requests handed to the service whose response head has not been produced yet.
     in_flight: AtomicUsize,
     /// Requests handed to the service so far; a change means the connection was busy even if
@@ -335,7 +340,22 @@ struct Activity {
     /// HTTP/2 clients send pings and window updates between requests, so bytes arriving say
     /// nothing about a request head.
     http2: AtomicBool,
-    changed: Notify,
+    /// When the current wait began, in microseconds since `epoch`: the connection's start,
+    /// the last answer, or the first byte of a head after an idle wait.
+    since_us: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            reading: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
+            since_us: AtomicU64::new(0),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -356,8 +376,10 @@ enum Expired {
 }
 
 impl Activity {
-    fn phase(&self) -> (Phase, u64) {
+    /// The phase, the requests started and when the wait began.
+    fn phase(&self) -> (Phase, u64, u64) {
         let started = self.started.load(Ordering::Acquire);
+        let since = self.since_us.load(Ordering::Acquire);
         let phase = if self.in_flight.load(Ordering::Acquire) > 0 {
             Phase::Busy
         } else if started == 0
@@ -367,15 +389,19 @@ impl Activity {
         } else {
             Phase::Idle
         };
-        (phase, started)
+        (phase, started, since)
     }
 
-    /// Called on every read that returned data: only the first one after going idle wakes the
-    /// watchdog.
+    fn wait_begins(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.since_us.store(now, Ordering::Release);
+    }
+
+    /// Called on every read that returned data: only the first one after going idle counts.
     fn bytes_read(&self) {
         if self.in_flight.load(Ordering::Relaxed) == 0 && !self.reading.load(Ordering::Relaxed) {
+            self.wait_begins();
             self.reading.store(true, Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
@@ -385,45 +411,41 @@ impl Activity {
         }
         self.reading.store(false, Ordering::Release);
         self.started.fetch_add(1, Ordering::AcqRel);
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.changed.notify_one();
-        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
     }
 
     fn request_answered(&self) {
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.changed.notify_one();
+            self.wait_begins();
         }
     }
 
     /// Resolves when the connection has spent too long in the head or idle phase.
     async fn expired(&self, timeouts: Timeouts) -> Expired {
-        let (mut phase, mut started) = self.phase();
-        let mut since = Instant::now();
         loop {
-            // Made before the state is read, so a change in between is not missed.
-            let changed = self.changed.notified();
-            let now = self.phase();
-            if now != (phase, started) {
-                (phase, started) = now;
-                since = Instant::now();
-            }
-            let limit = match phase {
-                Phase::Busy => {
-                    changed.await;
-                    continue;
-                }
-                Phase::Head => timeouts.header,
-                Phase::Idle => timeouts.idle,
+            let seen = self.phase();
+            let (phase, _, since_us) = seen;
+            let since = self.epoch + Duration::from_micros(since_us);
+            let now = Instant::now();
+            let (deadline, expired) = match phase {
+                // Looked at again later; nothing can expire while a request is answered.
+                Phase::Busy => (now + timeouts.header.min(timeouts.idle), None),
+                Phase::Head => (since + timeouts.header, Some(Expired::Head)),
+                Phase::Idle => (since + timeouts.idle, Some(Expired::Idle)),
             };
-            tokio::select! {
-                () = tokio::time::sleep_until(since + limit) => {
-                    if self.phase() == (phase, started) {
-                        return if phase == Phase::Head { Expired::Head } else { Expired::Idle };
-                    }
-                }
-                () = changed => {}
+            if let Some(expired) = expired
+                && now >= deadline
+                && self.phase() == seen
+            {
+                return expired;
             }
+            // A head may start arriving during a long idle wait: look again within a header
+            // timeout, so its own deadline is not missed.
+            let wake = match phase {
+                Phase::Idle => deadline.min(now + timeouts.header),
+                Phase::Head | Phase::Busy => deadline,
+            };
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
@@ -565,15 +587,41 @@ mod tests {
         assert_eq!(activity.expired(TIMEOUTS).await, Expired::Idle);
         assert_eq!(begun.elapsed(), TIMEOUTS.idle);
 
+        // Another connection: a head starts arriving 37 s into its idle wait (between two of
+        // the watchdog's looks) and gets exactly the header timeout from its first byte.
+        let activity = Arc::new(Activity::default());
+        activity.request_started(Version::HTTP_11);
+        activity.request_answered();
         let watcher = tokio::spawn({
             let activity = activity.clone();
             async move { activity.expired(TIMEOUTS).await }
         });
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(37)).await;
         activity.bytes_read();
         let begun = Instant::now();
         assert_eq!(watcher.await.expect("watcher"), Expired::Head);
         assert_eq!(begun.elapsed(), TIMEOUTS.header);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_restarts_the_idle_wait() {
+        let activity = Arc::new(Activity::default());
+        let watcher = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.expired(TIMEOUTS).await }
+        });
+        // A request every 45 s for five minutes: never 60 s idle.
+        for _ in 0..7 {
+            activity.bytes_read();
+            activity.request_started(Version::HTTP_11);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            activity.request_answered();
+            tokio::time::sleep(Duration::from_secs(45)).await;
+            assert!(!watcher.is_finished());
+        }
+        let last = Instant::now() - Duration::from_secs(45);
+        assert_eq!(watcher.await.expect("watcher"), Expired::Idle);
+        assert_eq!(Instant::now() - last, TIMEOUTS.idle);
     }
 
     #[tokio::test(start_paused = true)]
