@@ -324,9 +324,9 @@ impl Connection {
 /// What a connection is doing, as far as its timeouts care.
 ///
 /// Requests only record what happened (a few atomics, a clock read when a wait begins); the
-/// watchdog reads it when it wakes. It never needs waking early: while a connection is busy or
-/// idle it looks again at least every header timeout, and a wait's deadline is counted from
-/// when the wait began, so each timeout still ends exactly on time.
+/// watchdog reads it when it wakes. It never needs waking early: it looks again at least every
+/// shorter of the two timeouts, and a wait's deadline is counted from when the wait began, so
+/// each timeout still ends exactly on time.
 struct Activity {
     /// When the connection was accepted; `since_us` counts from here.
     epoch: Instant,
@@ -427,9 +427,10 @@ impl Activity {
             let (phase, _, since_us) = seen;
             let since = self.epoch + Duration::from_micros(since_us);
             let now = Instant::now();
+            let step = timeouts.header.min(timeouts.idle);
             let (deadline, expired) = match phase {
-                // Looked at again later; nothing can expire while a request is answered.
-                Phase::Busy => (now + timeouts.header.min(timeouts.idle), None),
+                // Nothing can expire while a request is answered.
+                Phase::Busy => (now + step, None),
                 Phase::Head => (since + timeouts.header, Some(Expired::Head)),
                 Phase::Idle => (since + timeouts.idle, Some(Expired::Idle)),
             };
@@ -439,13 +440,11 @@ impl Activity {
             {
                 return expired;
             }
-            // A head may start arriving during a long idle wait: look again within a header
-            // timeout, so its own deadline is not missed.
-            let wake = match phase {
-                Phase::Idle => deadline.min(now + timeouts.header),
-                Phase::Head | Phase::Busy => deadline,
-            };
-            tokio::time::sleep_until(wake).await;
+            // The phase may change while we sleep, to one whose deadline comes sooner (a head
+            // starting during an idle wait, an answer during a head wait with a shorter idle
+            // timeout); every such deadline is at least the shorter timeout after the change,
+            // so looking again within it misses none.
+            tokio::time::sleep_until(deadline.min(now + step)).await;
         }
     }
 }
@@ -601,6 +600,25 @@ mod tests {
         let begun = Instant::now();
         assert_eq!(watcher.await.expect("watcher"), Expired::Head);
         assert_eq!(begun.elapsed(), TIMEOUTS.header);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_shorter_than_the_header_timeout_is_kept() {
+        let timeouts = Timeouts {
+            header: Duration::from_secs(10),
+            idle: Duration::from_secs(1),
+        };
+        let activity = Arc::new(Activity::default());
+        let watcher = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.expired(timeouts).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        activity.request_started(Version::HTTP_11);
+        activity.request_answered();
+        let answered = Instant::now();
+        assert_eq!(watcher.await.expect("watcher"), Expired::Idle);
+        assert_eq!(answered.elapsed(), timeouts.idle);
     }
 
     #[tokio::test(start_paused = true)]
