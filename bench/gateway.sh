@@ -154,24 +154,51 @@ curl -fsS -H "authorization: Bearer $token" "http://127.0.0.1:$gateway_port/jwt"
 status="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gateway_port/jwt")"
 [[ "$status" == 401 ]] || { echo "the JWT route answered $status without a token" >&2; exit 1; }
 
+# CPU each proxy's processes spent per request: steadier than requests/s on shared cores.
+flotilla_pid="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$work/app/.flotilla/fleet.json")"
+nginx_master="$(cat "$work/proxy.pid")"
+declare -A pids=(
+    [direct]=""
+    [flotilla]="$flotilla_pid"
+    [flotilla_jwt]="$flotilla_pid"
+    [nginx]="$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')"
+    [haproxy]="$(cat "$work/haproxy.pid")"
+)
+cpu_ticks() {
+    local total=0 pid
+    for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+    echo "$total"
+}
+ticks_per_s="$(getconf CLK_TCK)"
+
 echo "wrk -t$threads -c$connections -d$duration on $(nproc) cores, $rounds interleaved rounds"
-declare -A rps p99
+declare -A rps p99 cpu
 names=(direct flotilla flotilla_jwt nginx haproxy)
+declare -A urls=(
+    [direct]="http://127.0.0.1:$upstream_port/"
+    [flotilla]="http://127.0.0.1:$gateway_port/"
+    [flotilla_jwt]="http://127.0.0.1:$gateway_port/jwt"
+    [nginx]="http://127.0.0.1:$proxy_port/"
+    [haproxy]="http://127.0.0.1:$haproxy_port/"
+)
 for round in $(seq "$rounds"); do
-    measure direct "http://127.0.0.1:$upstream_port/" "$duration" "$connections"
-    measure flotilla "http://127.0.0.1:$gateway_port/" "$duration" "$connections"
-    measure flotilla_jwt "http://127.0.0.1:$gateway_port/jwt" "$duration" "$connections" \
-        -H "authorization: Bearer $token"
-    measure nginx "http://127.0.0.1:$proxy_port/" "$duration" "$connections"
-    measure haproxy "http://127.0.0.1:$haproxy_port/" "$duration" "$connections"
     for name in "${names[@]}"; do
+        extra=()
+        [[ "$name" == flotilla_jwt ]] && extra=(-H "authorization: Bearer $token")
+        # shellcheck disable=SC2086
+        before="$(cpu_ticks ${pids[$name]})"
+        measure "$name" "${urls[$name]}" "$duration" "$connections" "${extra[@]}"
+        # shellcheck disable=SC2086
+        after="$(cpu_ticks ${pids[$name]})"
         var="rps_$name"; rps[$name]+="${!var} "
         var="p99_$name"; p99[$name]+="${!var} "
+        # µs of CPU per request over the measured run (its 2 s warm-up at low load included).
+        cpu[$name]+="$(python3 -c "print(($after - $before) / $ticks_per_s * 1e6 / (${!var} * ${duration%s}))") "
     done
 done
 
 args=()
-for name in "${names[@]}"; do args+=("$name" "${rps[$name]}" "${p99[$name]}"); done
+for name in "${names[@]}"; do args+=("$name" "${rps[$name]}" "${p99[$name]}" "${cpu[$name]}"); done
 python3 - "${args[@]}" <<'PY'
 import statistics, sys
 
@@ -182,14 +209,18 @@ def micros(text):
     raise ValueError(text)
 
 args = sys.argv[1:]
-rps, p99 = {}, {}
-for i in range(0, len(args), 3):
+rps, p99, cpu = {}, {}, {}
+for i in range(0, len(args), 4):
     name = args[i]
     rps[name] = statistics.median(float(x) for x in args[i + 1].split())
     p99[name] = statistics.median(micros(x) for x in args[i + 2].split())
+    cpu[name] = statistics.median(float(x) for x in args[i + 3].split())
 print("medians:")
 for name in rps:
-    print(f"  {name:<13} {rps[name]:>10.0f} req/s   p99 {p99[name] / 1000:7.2f} ms")
+    spent = f"   proxy CPU {cpu[name]:5.1f} µs/request" if name != "direct" else ""
+    print(f"  {name:<13} {rps[name]:>10.0f} req/s   p99 {p99[name] / 1000:7.2f} ms{spent}")
+print(f"proxy CPU per request: flotilla / nginx = {cpu['flotilla'] / cpu['nginx']:.2f}x, "
+      f"flotilla / haproxy = {cpu['flotilla'] / cpu['haproxy']:.2f}x")
 for proxy in ("nginx", "haproxy"):
     print(f"flotilla / {proxy:<8} = {rps['flotilla'] / rps[proxy]:.2f}x requests/s, "
           f"p99 {p99['flotilla'] / p99[proxy]:.2f}x (goal: >= 1.00x requests/s, p99 <= 1.00x vs nginx)")
