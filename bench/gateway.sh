@@ -190,10 +190,10 @@ for round in $(seq "$rounds"); do
         measure "$name" "${urls[$name]}" "$duration" "$connections" "${extra[@]}"
         # shellcheck disable=SC2086
         after="$(cpu_ticks ${pids[$name]})"
-        var="rps_$name"; rps[$name]+="${!var} "
-        var="p99_$name"; p99[$name]+="${!var} "
+        rate="rps_$name"; rps[$name]+="${!rate} "
+        tail="p99_$name"; p99[$name]+="${!tail} "
         # µs of CPU per request over the measured run (its 2 s warm-up at low load included).
-        cpu[$name]+="$(python3 -c "print(($after - $before) / $ticks_per_s * 1e6 / (${!var} * ${duration%s}))") "
+        cpu[$name]+="$(python3 -c "print(($after - $before) / $ticks_per_s * 1e6 / (${!rate} * ${duration%s}))") "
     done
 done
 

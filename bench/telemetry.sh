@@ -5,6 +5,8 @@
 # with wrk.
 #
 #   bench/telemetry.sh [DURATION=10s] [CONNECTIONS=64] [ROUNDS=3]
+#
+# ACCESS_LOG=false turns the gateway's access log off in all three (it is on by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -38,6 +40,7 @@ app = "telemetry-$app"
 
 [gateway]
 listen = "127.0.0.1:${gateway[$app]}"
+access_log = ${ACCESS_LOG:-true}
 
 [[gateway.routes]]
 prefix = "/"
