@@ -870,8 +870,13 @@ struct Written {
 /// one commit carry everything of the moment. Memory answers for anything this recent anyway.
 const LINGER: Duration = Duration::from_millis(50);
 
+/// How often the writer looks for more while it lingers. It is not woken per item: a thread
+/// blocked in `recv` is woken (a futex call and a context switch) by every span sent to it,
+/// which at thousands of spans a second cost more than writing them.
+const LINGER_STEP: Duration = Duration::from_millis(5);
+
 /// Adds to `batch` what arrives within [`LINGER`], up to [`BATCH_MAX`]; a flush or retention
-/// request ends the wait at once, since someone is waiting for it.
+/// request ends the wait within [`LINGER_STEP`], since someone is waiting for it.
 fn collect_batch(items: &Receiver<Item>, batch: &mut Vec<Item>) {
     let urgent = |item: &Item| matches!(item, Item::Flush(_) | Item::Retain(_));
     let deadline = Instant::now() + LINGER;
@@ -885,10 +890,7 @@ fn collect_batch(items: &Receiver<Item>, batch: &mut Vec<Item>) {
         if left.is_zero() {
             return;
         }
-        match items.recv_timeout(left) {
-            Ok(item) => batch.push(item),
-            Err(_) => return,
-        }
+        std::thread::sleep(left.min(LINGER_STEP));
     }
 }
 
