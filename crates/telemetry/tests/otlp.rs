@@ -978,9 +978,14 @@ mod otlp {
         for record in &records {
             exporter.export_log(record);
         }
+        // The exporter counts a batch once the collector's answer is read, a moment after the
+        // collector has stored it: wait for both.
         let delivered = eventually(|| {
+            let stats = exporter.stats();
             collector.spans.lock().expect("lock").len() == spans.len()
                 && collector.logs.lock().expect("lock").len() == records.len()
+                && stats.exported_spans == 1_000
+                && stats.exported_logs == 100
         })
         .await;
         assert!(delivered, "stats: {:?}", exporter.stats());
