@@ -25,6 +25,7 @@
 pub mod direct;
 pub mod engine;
 pub mod postgres;
+mod queued;
 pub mod sqlite;
 pub mod template;
 

@@ -24,6 +24,7 @@ use futures_util::future::join;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
+use crate::queued::{Op, Reply};
 use crate::{
     Append, BoxFuture, Created, Entry, EntryKind, ListFilter, NewSaga, Phase, SagaError,
     SagaRecord, SagaStore, SagaSummary, Status, StatusCount, StoreError, StoreStats,
@@ -150,40 +151,6 @@ const LIST_SQL: &str = "SELECT id, name, status, created_ms, updated_ms, error F
 
 const COUNTS_SQL: &str =
     "SELECT name, status, COUNT(*) FROM sagas GROUP BY name, status ORDER BY name, status";
-
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-enum Op {
-    Create {
-        saga: NewSaga,
-        first: Vec<Entry>,
-        owner: String,
-        lease_until_ms: i64,
-        reply: Reply<Created>,
-    },
-    Append {
-        append: Append,
-        reply: Reply<()>,
-    },
-    Renew {
-        owner: String,
-        ids: Vec<String>,
-        lease_until_ms: i64,
-        reply: Reply<Vec<String>>,
-    },
-    Claim {
-        owner: String,
-        now_ms: i64,
-        lease_until_ms: i64,
-        limit: u32,
-        reply: Reply<Vec<SagaRecord>>,
-    },
-    Release {
-        owner: String,
-        ids: Vec<String>,
-        reply: Reply<()>,
-    },
-}
 
 /// A finished write, answered only once its transaction is committed.
 enum Done {
@@ -853,17 +820,11 @@ impl SagaStore for PostgresStore {
         owner: &'a str,
         lease_until_ms: i64,
     ) -> BoxFuture<'a, Result<Created, StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Create {
-            saga: saga.clone(),
-            first: first.to_vec(),
-            owner: owner.to_owned(),
-            lease_until_ms,
-            reply,
-        }))
+        Box::pin(self.submit(Op::create(saga, first, owner, lease_until_ms)))
     }
 
     fn append<'a>(&'a self, append: Append) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Append { append, reply }))
+        Box::pin(self.submit(Op::append(append)))
     }
 
     fn renew<'a>(
@@ -872,12 +833,7 @@ impl SagaStore for PostgresStore {
         ids: &'a [String],
         lease_until_ms: i64,
     ) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Renew {
-            owner: owner.to_owned(),
-            ids: ids.to_vec(),
-            lease_until_ms,
-            reply,
-        }))
+        Box::pin(self.submit(Op::renew(owner, ids, lease_until_ms)))
     }
 
     fn claim<'a>(
@@ -887,13 +843,7 @@ impl SagaStore for PostgresStore {
         lease_until_ms: i64,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SagaRecord>, StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Claim {
-            owner: owner.to_owned(),
-            now_ms,
-            lease_until_ms,
-            limit,
-            reply,
-        }))
+        Box::pin(self.submit(Op::claim(owner, now_ms, lease_until_ms, limit)))
     }
 
     fn release<'a>(
@@ -901,11 +851,7 @@ impl SagaStore for PostgresStore {
         owner: &'a str,
         ids: &'a [String],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Release {
-            owner: owner.to_owned(),
-            ids: ids.to_vec(),
-            reply,
-        }))
+        Box::pin(self.submit(Op::release(owner, ids)))
     }
 
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SagaRecord>, StoreError>> {

@@ -19,6 +19,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use crate::queued::{Op, Reply};
 use crate::{
     Append, BoxFuture, Created, Entry, EntryKind, ListFilter, NewSaga, Phase, SagaError,
     SagaRecord, SagaStore, SagaSummary, Status, StatusCount, StoreError, StoreStats,
@@ -70,40 +71,6 @@ CREATE TABLE IF NOT EXISTS saga_log (
     PRIMARY KEY (saga_id, seq)
 ) WITHOUT ROWID;
 ";
-
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-enum Op {
-    Create {
-        saga: NewSaga,
-        first: Vec<Entry>,
-        owner: String,
-        lease_until_ms: i64,
-        reply: Reply<Created>,
-    },
-    Append {
-        append: Append,
-        reply: Reply<()>,
-    },
-    Renew {
-        owner: String,
-        ids: Vec<String>,
-        lease_until_ms: i64,
-        reply: Reply<Vec<String>>,
-    },
-    Claim {
-        owner: String,
-        now_ms: i64,
-        lease_until_ms: i64,
-        limit: u32,
-        reply: Reply<Vec<SagaRecord>>,
-    },
-    Release {
-        owner: String,
-        ids: Vec<String>,
-        reply: Reply<()>,
-    },
-}
 
 /// A finished write, answered only once its commit is durable.
 enum Done {
@@ -588,17 +555,11 @@ impl SagaStore for SqliteStore {
         owner: &'a str,
         lease_until_ms: i64,
     ) -> BoxFuture<'a, Result<Created, StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Create {
-            saga: saga.clone(),
-            first: first.to_vec(),
-            owner: owner.to_owned(),
-            lease_until_ms,
-            reply,
-        }))
+        Box::pin(self.submit(Op::create(saga, first, owner, lease_until_ms)))
     }
 
     fn append<'a>(&'a self, append: Append) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Append { append, reply }))
+        Box::pin(self.submit(Op::append(append)))
     }
 
     fn renew<'a>(
@@ -607,12 +568,7 @@ impl SagaStore for SqliteStore {
         ids: &'a [String],
         lease_until_ms: i64,
     ) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Renew {
-            owner: owner.to_owned(),
-            ids: ids.to_vec(),
-            lease_until_ms,
-            reply,
-        }))
+        Box::pin(self.submit(Op::renew(owner, ids, lease_until_ms)))
     }
 
     fn claim<'a>(
@@ -622,13 +578,7 @@ impl SagaStore for SqliteStore {
         lease_until_ms: i64,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SagaRecord>, StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Claim {
-            owner: owner.to_owned(),
-            now_ms,
-            lease_until_ms,
-            limit,
-            reply,
-        }))
+        Box::pin(self.submit(Op::claim(owner, now_ms, lease_until_ms, limit)))
     }
 
     fn release<'a>(
@@ -636,11 +586,7 @@ impl SagaStore for SqliteStore {
         owner: &'a str,
         ids: &'a [String],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.submit(move |reply| Op::Release {
-            owner: owner.to_owned(),
-            ids: ids.to_vec(),
-            reply,
-        }))
+        Box::pin(self.submit(Op::release(owner, ids)))
     }
 
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SagaRecord>, StoreError>> {
